@@ -1,0 +1,190 @@
+"""Settings from the environment (prefix ``SES_TASKS_``) or a settings file.
+
+Validated once at construction. Secrets are ``SecretStr`` and every URL is redacted in
+``repr()``, so printing or logging a ``Settings`` never leaks a credential. Each secret can
+also be read from a file (``SES_TASKS_PASSWORD_FILE`` and so on), the Docker/Kubernetes way.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .credentials import smtp_password
+from .endpoint import DEFAULT_PORT, Endpoint, PortMode, resolve_endpoint
+from .errors import ConfigurationError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings", "redact_url"]
+
+ENV_PREFIX = "SES_TASKS_"
+#: Settings that may instead name a file holding the value (``<NAME>_FILE``).
+FILE_SETTINGS = ("password", "secret_access_key", "broker_url", "redis_url", "result_backend")
+#: SES ends a session after about 350 messages; stay well below.
+DEFAULT_MAX_MESSAGES_PER_CONNECTION = 300
+#: SES drops a session after about 10 s of silence; check with NOOP before reuse past this.
+DEFAULT_IDLE_CHECK_S = 5.0
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    # Endpoint
+    region: str = "us-east-1"
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    mode: PortMode | None = None
+    fips: bool = False
+    tls_server_name: str | None = None
+    ca_file: str | None = None
+    # Credentials
+    username: str | None = None
+    password: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    # Infrastructure
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+    key_prefix: str = "sestasks"
+    # Limits (SES account quotas)
+    max_send_rate: float = Field(default=14.0, gt=0)
+    rate_burst: float | None = Field(default=None, gt=0)
+    max_24h_send: int | None = Field(default=None, gt=0)
+    quota_window_s: float = Field(default=86400.0, gt=0)
+    transactional_reserve: float = Field(default=0.2, ge=0, lt=1)
+    # Pool
+    pool_size: int = Field(default=10, ge=1, le=1000)
+    pool_min_size: int = Field(default=1, ge=0)
+    max_messages_per_connection: int = Field(default=DEFAULT_MAX_MESSAGES_PER_CONNECTION, ge=1)
+    max_connection_age: float = Field(default=300.0, gt=0)
+    idle_check_s: float = Field(default=DEFAULT_IDLE_CHECK_S, ge=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    send_timeout: float = Field(default=60.0, gt=0)
+    # Messages
+    configuration_set: str | None = None
+    max_message_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Delivery policy
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_s: float = Field(default=5.0, ge=0)
+    retry_max_s: float = Field(default=600.0, ge=0)
+    throttle_retry_s: float = Field(default=1.0, ge=0)
+    resend_unknown: bool = False
+    batch_size: int = Field(default=100, ge=1, le=5000)
+    # Status store
+    retention_s: int = Field(default=30 * 86400, ge=60)
+    log_json: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in FILE_SETTINGS:
+            path = data.pop(f"{name}_file", None) or os.environ.get(
+                f"{ENV_PREFIX}{name.upper()}_FILE"
+            )
+            if path and not data.get(name):
+                try:
+                    data[name] = Path(path).read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
+        return data
+
+    @field_validator("configuration_set")
+    @classmethod
+    def _check_configuration_set(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value or len(value) > 64 or not all(c.isalnum() or c in "_-" for c in value):
+            raise ValueError(
+                "a configuration set name is 1-64 ASCII letters, digits, '_' or '-'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> Settings:
+        self.endpoint  # noqa: B018 - validate host/port/mode together, once
+        if self.password is not None and self.secret_access_key is not None:
+            raise ValueError("set PASSWORD or SECRET_ACCESS_KEY, not both")
+        return self
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name in ("broker_url", "redis_url", "result_backend") and isinstance(value, str):
+                yield name, redact_url(value)
+            else:
+                yield name, value
+
+    @cached_property
+    def endpoint(self) -> Endpoint:
+        return resolve_endpoint(
+            region=self.region,
+            host=self.host,
+            port=self.port,
+            mode=self.mode,
+            fips=self.fips,
+            tls_server_name=self.tls_server_name,
+        )
+
+    def smtp_password(self) -> str | None:
+        """The SMTP password: given directly, or derived from the IAM secret for REGION."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.secret_access_key is not None:
+            return smtp_password(self.secret_access_key.get_secret_value(), self.region)
+        return None
+
+    @property
+    def burst(self) -> float:
+        return self.rate_burst if self.rate_burst is not None else max(1.0, self.max_send_rate)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning pydantic's errors into one ``ConfigurationError``.
+
+    ``SES_TASKS_CONFIG`` may name a dotenv-style file with the same keys.
+    """
+    env_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    try:
+        if env_file:
+            return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(**overrides)
+    except ConfigurationError:
+        raise
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        ctx = first.get("ctx", {}) or {}
+        err = ctx.get("error")
+        if isinstance(err, ConfigurationError):
+            raise ConfigurationError(err.setting, err.problem) from None
+        raise ConfigurationError(loc.upper(), message) from None

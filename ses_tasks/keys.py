@@ -1,0 +1,54 @@
+"""Every Redis key name, in one place.
+
+Keys of one campaign share the ``{campaign id}`` hash tag, so a campaign's scripts touch a
+single Redis Cluster slot. Message ids embed their campaign id (``<campaign>.<seq>``), which
+makes any status read one key lookup.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["CAMPAIGN_ID_RE", "TRANSACTIONAL", "Keys", "campaign_of"]
+
+#: Campaign ids are safe in keys, file names and URLs.
+CAMPAIGN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The standing campaign that single transactional messages belong to.
+TRANSACTIONAL = "transactional"
+
+
+def campaign_of(message_id: str) -> str:
+    campaign, sep, _ = message_id.rpartition(".")
+    if not sep or not CAMPAIGN_ID_RE.match(campaign):
+        raise ValueError(f"{message_id!r} is not a ses-tasks message id")
+    return campaign
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "sestasks"
+
+    def campaign(self, campaign_id: str) -> str:
+        return f"{self.prefix}:c:{{{campaign_id}}}"
+
+    def template(self, campaign_id: str) -> str:
+        return f"{self.prefix}:c:{{{campaign_id}}}:template"
+
+    def not_sent(self, campaign_id: str) -> str:
+        return f"{self.prefix}:c:{{{campaign_id}}}:not-sent"
+
+    def parked(self, campaign_id: str) -> str:
+        return f"{self.prefix}:c:{{{campaign_id}}}:parked"
+
+    def message_prefix(self, campaign_id: str) -> str:
+        return f"{self.prefix}:m:{{{campaign_id}}}:"
+
+    def message(self, message_id: str) -> str:
+        return self.message_prefix(campaign_of(message_id)) + message_id
+
+    def campaigns_index(self) -> str:
+        return f"{self.prefix}:campaigns"
+
+    def suppression(self) -> str:
+        return f"{self.prefix}:suppressed"

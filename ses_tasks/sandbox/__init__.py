@@ -1,0 +1,33 @@
+"""A local SES-compatible SMTP endpoint for tests, benchmarks and demos.
+
+Both SES port modes (STARTTLS and TLS Wrapper) with a private CA, AUTH PLAIN/LOGIN only
+after TLS, SES's reply texts and message ids, and faults to inject (throttling, quota,
+dropped connections, session limits, idle timeouts, ...).
+"""
+
+from __future__ import annotations
+
+from .certs import SERVER_NAMES
+from .cli import main
+from .config import SES_HOSTNAME, SandboxConfig, SandboxStats, SessionRecord
+from .faults import Faults
+from .protocol import SES_MESSAGE_ID_RE, new_ses_message_id
+from .server import Sandbox, SandboxThread
+from .store import AcceptedMessage, read_jsonl, read_messages
+
+__all__ = [
+    "SERVER_NAMES",
+    "SES_HOSTNAME",
+    "SES_MESSAGE_ID_RE",
+    "AcceptedMessage",
+    "Faults",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxStats",
+    "SandboxThread",
+    "SessionRecord",
+    "main",
+    "new_ses_message_id",
+    "read_jsonl",
+    "read_messages",
+]

@@ -1,0 +1,31 @@
+-- Shared prelude of the ratelimit_*.lua scripts (ses_tasks/ratelimit.py prepends it).
+-- Times are integer microseconds of the Redis server clock, so every worker, on every
+-- machine, sees one clock. Redis >= 5 replicates a script's effects, not the script, so
+-- reading TIME before writing is allowed (always on in Redis 7; asked for on 5 and 6).
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+
+local function server_now_us(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function fmt(x) return string.format('%.17g', x) end
+local function fmt_int(x) return string.format('%.0f', x) end
+
+-- The fleet's effective rate is configured_rate * f, 0 < f <= 1 (AIMD factor).
+-- Additive recovery is lazy: each whole step interval since the last change adds `step`
+-- to f. Returns f, changed ('1'/'0'), f before this call.
+local function refresh_factor(key, now, step, interval_us)
+  local st = redis.call('HMGET', key, 'f', 'fchg')
+  local f = tonumber(st[1]) or 1
+  local fchg = tonumber(st[2])
+  if f >= 1 or step <= 0 or fchg == nil then return f, '0', f end
+  local k = math.floor((now - fchg) / interval_us)
+  if k < 1 then return f, '0', f end
+  local old = f
+  f = math.min(1, f + k * step)
+  redis.call('HSET', key, 'f', fmt(f), 'fchg', fmt_int(fchg + k * interval_us),
+    'reason', 'recover', 'prev', fmt(old), 'at', fmt_int(now))
+  return f, '1', old
+end

@@ -237,6 +237,7 @@ class SandboxThread:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._loop = loop
         try:
             try:
@@ -251,9 +252,11 @@ class SandboxThread:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
+            asyncio.set_event_loop(None)
             loop.close()
 
     def stop(self, *, timeout_s: float = 10.0) -> None:

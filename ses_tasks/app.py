@@ -26,9 +26,6 @@ __all__ = [
 
 MESSAGE_TASK = "ses_tasks.send_message"
 BATCH_TASK = "ses_tasks.send_batch"
-#: Redelivery of an unacknowledged task happens after this; it must outlast any retry delay
-#: (ETA tasks wait unacknowledged in a worker) and any batch.
-MIN_VISIBILITY_TIMEOUT_S = 3600
 
 
 def bulk_queue(mode: PortMode) -> str:
@@ -48,8 +45,13 @@ def all_queues() -> list[Queue]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    visibility_s = max(MIN_VISIBILITY_TIMEOUT_S, int(settings.retry_max_s * 4))
+    visibility_s = settings.visibility_timeout_s
     mode = settings.endpoint.mode
+    broker_options: dict[str, Any] = {"visibility_timeout": visibility_s}
+    if settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        # Broker keys live under our prefix too: several deployments (or test runs) can
+        # share one Redis without consuming each other's tasks.
+        broker_options["global_keyprefix"] = f"{settings.key_prefix}:broker:"
     return {
         # JSON only: a pickle payload is refused before it is ever deserialised.
         "task_serializer": "json",
@@ -61,7 +63,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": visibility_s},
+        "broker_transport_options": broker_options,
         "result_backend_transport_options": {"visibility_timeout": visibility_s},
         "broker_connection_retry_on_startup": True,
         "task_queues": all_queues(),

@@ -51,10 +51,15 @@ class CampaignProducer:
         """Create the campaign and enqueue every recipient; returns the status after enqueue."""
         rows = iter_recipients(recipients)  # file header errors surface here, before creation
         campaign_id = campaign_id or new_campaign_id()
+        stored = template.to_dict()
         self.store.create_campaign(
             campaign_id,
-            template=template.to_dict(),
-            meta={"from": template.from_address, "mode": self.settings.endpoint.mode.value},
+            template=stored,
+            meta={
+                "from": stored["from"],
+                "subject": stored["subject"][:200],
+                "mode": self.settings.endpoint.mode.value,
+            },
         )
         self._enqueue(campaign_id, rows, start_seq=0, progress=progress)
         return self.store.finish_enqueue(campaign_id)

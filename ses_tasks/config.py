@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     throttle_retry_s: float = Field(default=1.0, ge=0)
     resend_unknown: bool = False
     batch_size: int = Field(default=100, ge=1, le=5000)
+    #: How long a worker's claim on a batch's messages lasts before another may take them
+    #: over (after a crash), on top of the time the rate limit needs for the batch.
+    claim_lease_s: float = Field(default=120.0, gt=0)
+    #: Broker redelivery of unacknowledged tasks; must outlast every retry delay.
+    visibility_timeout_s: int = Field(default=7200, ge=1)
     # Status store
     retention_s: int = Field(default=30 * 86400, ge=60)
     log_json: bool = False
@@ -132,6 +137,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_endpoint(self) -> Settings:
         self.endpoint  # noqa: B018 - validate host/port/mode together, once
+        if self.visibility_timeout_s <= self.retry_max_s:
+            raise ValueError(
+                f"VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed RETRY_MAX_S "
+                f"({self.retry_max_s}): a delayed retry would be delivered twice"
+            )
         if self.password is not None and self.secret_access_key is not None:
             raise ValueError("set PASSWORD or SECRET_ACCESS_KEY, not both")
         return self

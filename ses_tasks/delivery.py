@@ -74,7 +74,7 @@ def throttle_delay_s(base_s: float) -> float:
 def lease_for(rt: WorkerRuntime, count: int) -> float:
     """How long a claim holds messages: long enough to wait for tokens and send them all."""
     s = rt.settings
-    return 60.0 + s.send_timeout + 3.0 * count / s.max_send_rate
+    return s.claim_lease_s + 3.0 * count / s.max_send_rate
 
 
 async def campaign_template(rt: WorkerRuntime, campaign_id: str) -> CampaignTemplate | None:

@@ -1,0 +1,506 @@
+"""``ses-tasks``: the command line. User errors print one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import redis
+
+from .config import Settings, load_settings
+from .errors import SesTasksError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    click.echo(f"ses-tasks: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn our errors and unreachable services into one clear line and an exit status."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SesTasksError as exc:
+            _fail(str(exc))
+        except redis.ConnectionError as exc:
+            _fail(f"cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL", EXIT_FAILURE)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _client(**overrides: Any) -> Any:
+    from .client import SesTasks
+
+    return SesTasks(_settings(**overrides))
+
+
+def _read(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SesTasksError(f"--{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SesTasksError(f"--{what}: {path} is not UTF-8 text") from None
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=str, sort_keys=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ses-tasks")
+def main() -> None:
+    """Bulk and transactional email through Amazon SES SMTP, with Celery."""
+
+
+# send ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--from", "from_", required=True, help="Sender, 'Name <addr>' allowed.")
+@click.option("--to", multiple=True, required=True)
+@click.option("--cc", multiple=True)
+@click.option("--bcc", multiple=True)
+@click.option("--reply-to", multiple=True)
+@click.option("--subject", required=True)
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="Text body file.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="HTML body file.")
+@click.option("--idempotency-key", help="Enqueue the same key twice, send once.")
+@click.option("--direct", is_flag=True, help="Send now through the pool, without the queue.")
+@click.option("--wait", is_flag=True, help="Wait for the final state.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def send(
+    from_: str,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    reply_to: tuple[str, ...],
+    subject: str,
+    text_file: str | None,
+    html_file: str | None,
+    idempotency_key: str | None,
+    direct: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Send one message: enqueued (prints the message id) or --direct (prints the SES id)."""
+    fields = {
+        "from": from_,
+        "to": list(to),
+        "cc": list(cc),
+        "bcc": list(bcc),
+        "reply_to": list(reply_to),
+        "subject": subject,
+        "text": _read(text_file, "text"),
+        "html": _read(html_file, "html"),
+        "idempotency_key": idempotency_key,
+    }
+    if direct:
+        from .direct import send_direct
+
+        settings = _settings()
+        result = send_direct(settings, fields)
+        if as_json:
+            _print_json({"state": "sent", "ses_message_id": result.ses_message_id})
+        else:
+            click.echo(result.ses_message_id)
+        return
+    client = _client()
+    handle = client.send_email(**fields)
+    if not wait:
+        _print_json({"id": handle.message_id}) if as_json else click.echo(handle.message_id)
+        return
+    record = handle.get(timeout=300, propagate=False)
+    if as_json:
+        _print_json(record)
+    else:
+        click.echo(
+            f"{handle.message_id} {record.get('state')} {record.get('ses_message_id') or ''}"
+        )
+    if record.get("state") != "sent":
+        sys.exit(EXIT_FAILURE)
+
+
+# campaign --------------------------------------------------------------------------------
+
+
+@main.group()
+def campaign() -> None:
+    """Send and control campaigns."""
+
+
+@campaign.command("send")
+@click.option("--from", "from_", required=True)
+@click.option("--subject", required=True, help="Jinja2 template.")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False))
+@click.option("--html", "html_file", type=click.Path(dir_okay=False))
+@click.option("--recipients", required=True, type=click.Path(dir_okay=False))
+@click.option("--id", "campaign_id")
+@click.option("--reply-to", multiple=True)
+@click.option("--unsubscribe-url", help="List-Unsubscribe one-click URL (template).")
+@click.option("--unsubscribe-mailto")
+@click.option("--tag", "tags", multiple=True, help="SES message tag name=value.")
+@click.option("--wait", is_flag=True, help="Show progress until every message is final.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def campaign_send(
+    from_: str,
+    subject: str,
+    text_file: str | None,
+    html_file: str | None,
+    recipients: str,
+    campaign_id: str | None,
+    reply_to: tuple[str, ...],
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+    tags: tuple[str, ...],
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Enqueue a campaign; recipients is a CSV (email column) or JSONL file."""
+    from .progress import enqueue_progress, wait_progress
+
+    client = _client()
+    options: dict[str, Any] = {}
+    if reply_to:
+        options["reply_to"] = list(reply_to)
+    if unsubscribe_url:
+        options["list_unsubscribe_url"] = unsubscribe_url
+    if unsubscribe_mailto:
+        options["list_unsubscribe_mailto"] = unsubscribe_mailto
+    if tags:
+        options["tags"] = dict(_parse_tag(t) for t in tags)
+    quiet = as_json or not sys.stderr.isatty()
+    with enqueue_progress(Path(recipients), quiet=quiet) as advance:
+        status = client.send_campaign(
+            from_=from_,
+            subject=subject,
+            text=_read(text_file, "text"),
+            html=_read(html_file, "html"),
+            recipients=recipients,
+            campaign_id=campaign_id,
+            progress=advance,
+            **options,
+        )
+    if wait:
+        status = wait_progress(client, status.id, quiet=quiet)
+    if as_json:
+        _print_json(status.to_dict() if wait else {"id": status.id, "total": status.total})
+    else:
+        click.echo(status.id)
+        if wait:
+            click.echo(_counts_line(status.to_dict()), err=True)
+
+
+def _parse_tag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SesTasksError(f"--tag {text!r}: use name=value")
+    return name, value
+
+
+def _counts_line(data: dict[str, Any]) -> str:
+    from .tracking import COUNTERS
+
+    parts = [f"{name}={data[name]}" for name in COUNTERS if data.get(name)]
+    return f"{data['id']}: {data['state']} total={data['total']} " + " ".join(parts)
+
+
+@campaign.command("status")
+@click.argument("campaign_id")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def campaign_status(campaign_id: str, as_json: bool) -> None:
+    """Counters by state; they always add up to the total."""
+    status = _client().campaign_status(campaign_id)
+    if as_json:
+        _print_json(status.to_dict())
+        return
+    from .progress import status_table
+
+    status_table(status)
+
+
+@campaign.command("failures")
+@click.argument("campaign_id")
+@user_errors
+def campaign_failures(campaign_id: str) -> None:
+    """CSV of email,state,code,reason for every message not sent."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["email", "state", "code", "reason", "message_id"])
+    for record in _client().failures(campaign_id):
+        writer.writerow(
+            [
+                record.email or "",
+                record.state.value,
+                record.code or "",
+                record.reason,
+                record.message_id,
+            ]
+        )
+
+
+@campaign.command("pause")
+@click.argument("campaign_id")
+@user_errors
+def campaign_pause(campaign_id: str) -> None:
+    """Workers stop between messages; the rest waits, deferred."""
+    changed = _client().pause(campaign_id)
+    click.echo(f"{campaign_id}: {'paused' if changed else 'already paused'}")
+
+
+@campaign.command("resume")
+@click.argument("campaign_id")
+@user_errors
+def campaign_resume(campaign_id: str) -> None:
+    count = _client().resume(campaign_id)
+    click.echo(f"{campaign_id}: resumed, {count} deferred messages re-enqueued")
+
+
+@campaign.command("cancel")
+@click.argument("campaign_id")
+@user_errors
+def campaign_cancel(campaign_id: str) -> None:
+    count = _client().cancel(campaign_id)
+    click.echo(f"{campaign_id}: cancelled ({count} parked messages cancelled now)")
+
+
+@campaign.command("retry-failed")
+@click.argument("campaign_id")
+@click.option(
+    "--include-unknown",
+    is_flag=True,
+    help="Also resend messages whose outcome is unknown (may duplicate).",
+)
+@user_errors
+def campaign_retry_failed(campaign_id: str, include_unknown: bool) -> None:
+    count = _client().retry_failed(campaign_id, include_unknown=include_unknown)
+    click.echo(f"{campaign_id}: {count} messages re-enqueued")
+
+
+@campaign.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def campaign_list(as_json: bool) -> None:
+    client = _client()
+    rows = [client.campaign_status(cid).to_dict() for cid in client.store.list_campaigns()]
+    if as_json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            click.echo(_counts_line(row))
+
+
+# worker ----------------------------------------------------------------------------------
+
+QUEUE_CHOICES = ("all", "bulk", "transactional")
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["starttls", "tls"]), help="Port mode to serve.")
+@click.option("--concurrency", "-c", type=int, default=2, show_default=True)
+@click.option("--queues", type=click.Choice(QUEUE_CHOICES), default="all", show_default=True)
+@click.option("--name", "-n", default=None, help="Celery node name.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@user_errors
+def worker(
+    mode: str | None,
+    concurrency: int,
+    queues: str,
+    name: str | None,
+    loglevel: str,
+    metrics_port: int | None,
+) -> None:
+    """A Celery worker for one port mode, with safe settings."""
+    if mode is not None:
+        os.environ["SES_TASKS_MODE"] = mode
+        if "SES_TASKS_PORT" not in os.environ and not os.environ.get("SES_TASKS_HOST"):
+            os.environ["SES_TASKS_PORT"] = "465" if mode == "tls" else "587"
+    if concurrency < 1:
+        raise SesTasksError("--concurrency: must be at least 1")
+    settings = _settings()
+    if metrics_port is not None:
+        os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
+    from .app import app, bulk_queue, transactional_queue
+
+    serve = settings.endpoint.mode
+    names = {
+        "all": [transactional_queue(serve), bulk_queue(serve)],
+        "bulk": [bulk_queue(serve)],
+        "transactional": [transactional_queue(serve)],
+    }[queues]
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(names),
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "-E",
+    ]
+    if name:
+        argv += ["--hostname", name]
+    app.worker_main(argv)
+
+
+# suppression -----------------------------------------------------------------------------
+
+
+@main.group()
+def suppress() -> None:
+    """The local suppression list (checked before every send)."""
+
+
+@suppress.command("add")
+@click.argument("emails", nargs=-1, required=True)
+@click.option("--reason", default="added by user")
+@user_errors
+def suppress_add(emails: tuple[str, ...], reason: str) -> None:
+    added = _client().suppression.add(emails, reason=reason)
+    click.echo(f"{added} added")
+
+
+@suppress.command("remove")
+@click.argument("emails", nargs=-1, required=True)
+@user_errors
+def suppress_remove(emails: tuple[str, ...]) -> None:
+    removed = _client().suppression.remove(emails)
+    click.echo(f"{removed} removed")
+
+
+@suppress.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def suppress_list(as_json: bool) -> None:
+    for entry in _client().suppression:
+        if as_json:
+            _print_json({"email": entry.email, "reason": entry.reason, "added_at": entry.added_at})
+        else:
+            click.echo(f"{entry.email}\t{entry.reason}")
+
+
+# tools -----------------------------------------------------------------------------------
+
+
+@main.command("smtp-password")
+@click.option("--region", required=True)
+@user_errors
+def smtp_password_command(region: str) -> None:
+    """Derive the SMTP password from an IAM secret key read from stdin or the environment.
+
+    The secret is never taken from the command line, where other users could read it.
+    """
+    from .credentials import smtp_password
+
+    secret = os.environ.get("SES_TASKS_SECRET_ACCESS_KEY") or os.environ.get(
+        "AWS_SECRET_ACCESS_KEY"
+    )
+    if not secret:
+        if sys.stdin.isatty():
+            import getpass
+
+            secret = getpass.getpass("IAM secret access key: ")
+        else:
+            secret = sys.stdin.readline()
+    secret = (secret or "").strip()
+    if not secret:
+        raise SesTasksError("no secret: pipe it on stdin or set SES_TASKS_SECRET_ACCESS_KEY")
+    try:
+        click.echo(smtp_password(secret, region))
+    except ValueError as exc:
+        raise SesTasksError(str(exc)) from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def check(as_json: bool) -> None:
+    """Connect, negotiate TLS, authenticate and report, without sending."""
+    from .direct import probe
+
+    info = probe(_settings())
+    if as_json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def limits(as_json: bool) -> None:
+    """Fleet rate limit, tokens, 24-hour quota use and any pause reason."""
+    from .direct import limits_status
+
+    data = limits_status(_settings())
+    if as_json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def sandbox(ctx: click.Context) -> None:
+    """Run the local SES-compatible endpoint (see `ses-tasks sandbox --help`)."""
+    from .sandbox import main as sandbox_main
+
+    sys.exit(sandbox_main(list(ctx.args)))
+
+
+@main.command()
+@click.option("--recipients", "count", type=int, default=1000, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--mode", type=click.Choice(["starttls", "tls"]), default="tls", show_default=True)
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Recipients/s.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def demo(count: int, workers: int, mode: str, rate: float, as_json: bool) -> None:
+    """Everything on this machine: Redis, the sandbox, workers, a sample campaign."""
+    from .demo import run_demo
+
+    report = run_demo(recipients=count, workers=workers, mode=mode, rate=rate, quiet=as_json)
+    if as_json:
+        _print_json(report)
+    if report.get("counts", {}).get("sent") != count:
+        sys.exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

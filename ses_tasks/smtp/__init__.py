@@ -1,0 +1,25 @@
+"""SMTP to SES: reply classification and a warm connection pool."""
+
+from __future__ import annotations
+
+from .connection import ConnectionInfo, ConnectionState
+from .pool import PoolStats, SmtpPool
+from .replies import (
+    SendResult,
+    classify_exception,
+    classify_reply,
+    parse_ses_message_id,
+    to_error,
+)
+
+__all__ = [
+    "ConnectionInfo",
+    "ConnectionState",
+    "PoolStats",
+    "SendResult",
+    "SmtpPool",
+    "classify_exception",
+    "classify_reply",
+    "parse_ses_message_id",
+    "to_error",
+]

@@ -1,0 +1,121 @@
+"""The command line, run as a user runs it: subprocesses, exit codes, stdout/stderr."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import write_csv
+
+CLI = [sys.executable, "-m", "ses_tasks.cli"]
+
+
+def run(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        env={**os.environ, **(env or {})},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_smtp_password_reads_the_secret_from_stdin_not_argv():
+    result = run(["smtp-password", "--region", "eu-central-1"], stdin="some+secret+key\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "BMXhUYlu5Z3gSXVQORxlVa7XPaz91aGWdfHxvkOZdWZ2"
+
+
+def test_smtp_password_from_environment():
+    result = run(
+        ["smtp-password", "--region", "us-west-1"],
+        env={"SES_TASKS_SECRET_ACCESS_KEY": "another+secret+key"},
+    )
+    assert result.stdout.strip() == "BKVmjjMDFk/qqw8EROW99bjCS65PF8WKvK5bSr4Y6EqF"
+
+
+def test_configuration_error_is_one_line_without_traceback():
+    result = run(["campaign", "status", "x"], env={"SES_TASKS_PORT": "999"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "ses-tasks: error: PORT: SES answers on 25, 587, 2587 (STARTTLS) or 465, 2465 "
+        "(TLS Wrapper), not 999"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_campaign_is_a_clear_error(key_prefix):
+    result = run(["campaign", "status", "nope", "--json"], env={"SES_TASKS_KEY_PREFIX": key_prefix})
+    assert result.returncode == 2
+    assert "no campaign 'nope'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_campaign_send_wait_json_status_and_failures(make_pipeline, tmp_path: Path):
+    pipeline = make_pipeline("starttls")
+    pipeline.start_worker(concurrency=2)
+    rows = [{"email": f"r{i}@example.com", "name": f"R{i}"} for i in range(40)]
+    rows.append({"email": "not-an-address", "name": "bad"})
+    rows.append({"email": "nameless@example.com", "name": ""})
+    recipients = write_csv(tmp_path / "r.csv", rows)
+    (tmp_path / "body.txt").write_text("Hi {{ name }}")
+    send = run(
+        ["campaign", "send", "--from", "news@example.com", "--subject", "Hello {{ name }}",
+         "--text", str(tmp_path / "body.txt"), "--recipients", str(recipients),
+         "--id", "cli-1", "--wait", "--json"],
+        env=pipeline.env,
+    )
+    assert send.returncode == 0, send.stderr
+    final = json.loads(send.stdout)
+    assert final["id"] == "cli-1"
+    assert final["total"] == 42
+    assert final["sent"] == 41 and final["failed"] == 1
+    status = run(["campaign", "status", "cli-1", "--json"], env=pipeline.env)
+    data = json.loads(status.stdout)
+    for key in ("id", "state", "total", "queued", "sending", "sent", "retrying", "deferred",
+                "failed", "suppressed", "unknown", "cancelled"):
+        assert key in data
+    assert data["state"] == "completed"
+    failures = run(["campaign", "failures", "cli-1"], env=pipeline.env)
+    table = list(csv.DictReader(io.StringIO(failures.stdout)))
+    assert [(r["email"], r["state"]) for r in table] == [("not-an-address", "failed")]
+    assert "to" in table[0]["reason"] or "address" in table[0]["reason"]
+
+
+def test_suppress_add_list_remove(key_prefix):
+    env = {"SES_TASKS_KEY_PREFIX": key_prefix}
+    assert run(["suppress", "add", "A@Example.com", "b@example.com"], env=env).returncode == 0
+    listed = run(["suppress", "list"], env=env).stdout.splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == ["a@example.com", "b@example.com"]
+    assert run(["suppress", "remove", "a@example.com"], env=env).stdout.strip() == "1 removed"
+    listed = run(["suppress", "list"], env=env).stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["b@example.com"]
+
+
+@pytest.mark.slow
+def test_demo_runs_without_a_redis_server_on_the_path(tmp_path: Path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    result = subprocess.run(
+        [sys.executable, "-m", "ses_tasks.cli", "demo", "--recipients", "300", "--json"],
+        env={**os.environ, "PATH": str(bindir)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["redis"] == "fakeredis"
+    assert report["counts"] == {"sent": 300}
+    assert report["accepted_by_endpoint"] == 300
+    assert report["connections_used"] <= 8

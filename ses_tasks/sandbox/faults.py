@@ -128,8 +128,9 @@ def judge_message(
     if len(rcpt_tos) > max_recipients:
         return TOO_MANY_RECIPIENTS_REPLY.replace("50", str(max_recipients))
     if faults.reject_recipients:
+        rejected = {a.lower() for a in faults.reject_recipients}  # may be set at runtime
         for address in (mail_from, *rcpt_tos):
-            if address.lower() in faults.reject_recipients:
+            if address.lower() in rejected:
                 return unverified_reply(address)
     if faults.account_paused:
         return ACCOUNT_PAUSED_REPLY

@@ -59,6 +59,8 @@ SES_WORDING = {
 _LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _ADDRESS_RE = re.compile(rf"{_LOCAL}@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?")
+#: ``<local@domain> params``: the common case, parsed without the email package (hot path).
+_SIMPLE_PATH_RE = re.compile(r"\s*<([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+)>(.*)\Z")
 _MAX_LOCAL = 64
 _MAX_ADDRESS = 254
 
@@ -432,6 +434,9 @@ class SesSMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd answers unparsable addresses itself; hand them to the hooks instead,
         # so the reply is SES's 553 naming the address.
+        simple = _SIMPLE_PATH_RE.match(arg)
+        if simple is not None:
+            return simple.group(1), simple.group(2)
         address, rest = super()._getaddr(arg)
         if address is not None:
             return address, rest

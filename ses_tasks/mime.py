@@ -259,7 +259,7 @@ def encode_body(text: str, field: str) -> tuple[bytes, bytes]:
         len(raw) <= MAX_LINE_OCTETS or max(map(len, raw.split(b"\n"))) <= MAX_LINE_OCTETS
     ):
         return b"7bit", raw.replace(b"\n", b"\r\n")
-    escaped = len(raw) - len(raw.translate(None, _QP_LITERAL))
+    escaped = len(raw.translate(None, _QP_LITERAL))
     qp_estimate = len(raw) + 2 * escaped + len(raw) // 75 * 3
     b64_estimate = (len(raw) + 2) // 3 * 4 + len(raw) // 57 * 2
     if qp_estimate <= b64_estimate:
@@ -396,7 +396,7 @@ class Layout:
             alt = self.alt_boundary
             inner = b"".join(
                 (
-                    b'Content-Type: multipart/alternative; boundary="',
+                    b'Content-Type: multipart/alternative;\r\n boundary="',
                     alt,
                     b'"\r\n\r\n--',
                     alt,
@@ -428,7 +428,7 @@ class Layout:
         mixed = self.mixed_boundary
         return b"".join(
             (
-                b'Content-Type: multipart/mixed; boundary="',
+                b'Content-Type: multipart/mixed;\r\n boundary="',
                 mixed,
                 b'"\r\n\r\n--',
                 mixed,

@@ -109,7 +109,7 @@ def resolve_endpoint(
         raise ConfigurationError(
             "MODE", f"port {port} is not a standard SES port; set MODE to 'starttls' or 'tls'"
         )
-    if is_ses and chosen is not port_mode:
+    if is_ses and port_mode is not None and chosen is not port_mode:
         raise ConfigurationError(
             "MODE", f"port {port} of SES speaks {port_mode.value}, not {chosen.value}"
         )

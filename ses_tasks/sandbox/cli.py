@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drop-after-data-rate", type=float, default=0.0)
     add("--max-messages-per-session", type=int, default=None)
     add("--idle-timeout", type=float, default=None, help="seconds")
+    add("--drop-after-data-accepts", action="store_true",
+        help="dropped connections still deliver the message (SES may have it)")
+    add("--reject-recipient", action="append", default=[], metavar="ADDR",
+        help="answer 554 'Email address is not verified' for this address (repeatable)")
+    add("--auth-fail", action="store_true", help="answer every AUTH with 535")
+    add("--account-paused", action="store_true", help="554 Sending paused after every DATA")
     add("--seed", type=int, default=0)
     add("--ready-file", default=None, help="JSON with ports, CA file and pid, once listening")
     return parser
@@ -73,6 +79,10 @@ def _config(args: argparse.Namespace) -> SandboxConfig:
         drop_after_data_rate=args.drop_after_data_rate,
         max_messages_per_session=args.max_messages_per_session,
         idle_timeout_s=args.idle_timeout,
+        drop_after_data_accepts=args.drop_after_data_accepts,
+        reject_recipients=frozenset(a.lower() for a in args.reject_recipient),
+        auth_fail=args.auth_fail,
+        account_paused=args.account_paused,
         seed=args.seed,
     )
     return SandboxConfig(

@@ -141,7 +141,9 @@ class Runtime:
         self.active.discard(session)
         record = session.record
         record.closed_at = time.time()
-        self.event("disconnect", record, messages=record.messages)
+        self.event(
+            "disconnect", record, messages=record.messages, quit="QUIT" in record.commands
+        )
 
     def count_reply(self, code: int) -> None:
         counts = self.stats.replies_by_code

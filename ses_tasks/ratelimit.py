@@ -86,7 +86,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: How far ahead of its tolerance bulk may reserve; bounds a transactional request's wait.
-DEFAULT_BULK_LOOKAHEAD_S = 0.05
+DEFAULT_BULK_LOOKAHEAD_S = 0.02
 #: On a 454 throttle the fleet's rate is multiplied by this.
 DEFAULT_DECREASE_FACTOR = 0.5
 #: Floor of the adaptive rate, as a share of the configured rate.

@@ -27,15 +27,17 @@ local tat = tonumber(st[1]) or now
 local base = math.max(tat, now)
 local status, wait, field, stored, previous
 
-if not transactional and mode ~= 'force' and base - now > tol_bulk + lookahead then
+-- Bulk callers asking for the first time line up behind those already told to come back.
+local q = base
+if mode == 'fresh' then q = math.max(tonumber(st[2]) or 0, base) end
+
+if not transactional and mode ~= 'force' and q - now > tol_bulk + lookahead then
   -- Bulk may not queue reservations deeper than its lookahead: a transactional request
   -- must never wait behind a long line of promised bulk sends. Tell the caller when to
-  -- come back instead. A first-time caller gets a slot in a virtual line (qtat) so that
-  -- waiting callers come back one after another, not all at once; a caller coming back
-  -- (pushed further by transactional traffic) just gets the time until bulk fits again.
+  -- come back instead. A first-time caller gets a slot at the end of a virtual line (qtat)
+  -- so that waiting callers come back one after another, not all at once; a caller coming
+  -- back (pushed further by transactional traffic) gets the time until bulk fits again.
   field = 'qtat'
-  local q = base
-  if mode == 'fresh' then q = math.max(tonumber(st[2]) or 0, base) end
   wait = q - now - tol_bulk - lookahead
   previous = tonumber(st[2]) or 0
   stored = math.ceil(q + cost)

@@ -38,9 +38,7 @@ def transactional_queue(mode: PortMode) -> str:
 
 def all_queues() -> list[Queue]:
     return [
-        Queue(name)
-        for mode in PortMode
-        for name in (bulk_queue(mode), transactional_queue(mode))
+        Queue(name) for mode in PortMode for name in (bulk_queue(mode), transactional_queue(mode))
     ]
 
 

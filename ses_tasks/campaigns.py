@@ -81,8 +81,13 @@ class CampaignProducer:
         for row in rows:
             if isinstance(row, RowError):
                 bad.append(
-                    Record(f"{campaign_id}.{seq}", MessageState.FAILED, 0, row.reason,
-                           row=[seq, row.email, {}, 0])
+                    Record(
+                        f"{campaign_id}.{seq}",
+                        MessageState.FAILED,
+                        0,
+                        row.reason,
+                        row=[seq, row.email, {}, 0],
+                    )
                 )
             else:
                 batch.append([seq, row.email, row.variables, 0])
@@ -118,8 +123,10 @@ class CampaignProducer:
             reason = f"could not enqueue: {type(exc).__name__}: {exc}"
             self.store.finish(
                 campaign_id,
-                [Record(f"{campaign_id}.{i[0]}", MessageState.FAILED, 0, reason, row=i)
-                 for i in batch],
+                [
+                    Record(f"{campaign_id}.{i[0]}", MessageState.FAILED, 0, reason, row=i)
+                    for i in batch
+                ],
             )
             raise SesTasksError(f"campaign {campaign_id}: broker refused a batch: {exc}") from exc
 

@@ -1,10 +1,10 @@
 """The public Python API: one object holding settings, the store and the Celery app.
 
-    from ses_tasks import SesTasks
-    ses = SesTasks()                      # settings from SES_TASKS_* environment
-    result = ses.send_email(from_="a@example.com", to=["b@example.com"], subject="Hi",
-                            text="Hello")
-    result.message_id, result.get(timeout=30)   # -> {"state": "sent", "ses_message_id": ...}
+from ses_tasks import SesTasks
+ses = SesTasks()                      # settings from SES_TASKS_* environment
+result = ses.send_email(from_="a@example.com", to=["b@example.com"], subject="Hi",
+                        text="Hello")
+result.message_id, result.get(timeout=30)   # -> {"state": "sent", "ses_message_id": ...}
 """
 
 from __future__ import annotations
@@ -133,9 +133,7 @@ class SesTasks:
             max_bytes=self.settings.max_message_bytes,
             **options,
         )
-        return self._producer.send(
-            template, recipients, campaign_id=campaign_id, progress=progress
-        )
+        return self._producer.send(template, recipients, campaign_id=campaign_id, progress=progress)
 
     def campaign_status(self, campaign_id: str) -> CampaignStatus:
         return self.store.campaign_status(campaign_id)

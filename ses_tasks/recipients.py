@@ -106,7 +106,8 @@ def _iter_csv(raw: IO[bytes]) -> Iterator[Row]:
     names = [h.strip() for h in header]
     if EMAIL_COLUMN not in names:
         raise ValidationError(
-            "recipients", f"no '{EMAIL_COLUMN}' column in the CSV header (found: {', '.join(names)})"
+            "recipients",
+            f"no '{EMAIL_COLUMN}' column in the CSV header (found: {', '.join(names)})",
         )
     reported = 0
     while True:

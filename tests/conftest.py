@@ -63,7 +63,9 @@ class Pipeline:
     def client(self) -> SesTasks:
         return SesTasks(self.settings)
 
-    def start_worker(self, *, concurrency: int = 2, queues: str = "all", **env: str) -> WorkerProcess:
+    def start_worker(
+        self, *, concurrency: int = 2, queues: str = "all", **env: str
+    ) -> WorkerProcess:
         worker = WorkerProcess(
             env={**self.env, **env},
             mode=self.env["SES_TASKS_MODE"],

@@ -21,8 +21,11 @@ def test_pause_parks_messages_and_resume_completes(make_pipeline):
     pipeline.start_worker(concurrency=2)
     client = pipeline.client
     client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=_recipients("p", 900), campaign_id="pausing",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=_recipients("p", 900),
+        campaign_id="pausing",
     )
     wait_for(lambda: client.campaign_status("pausing").counts["sent"] >= 100, timeout_s=60)
     assert client.pause("pausing") is True
@@ -53,8 +56,11 @@ def test_cancel_ends_every_unsent_message_cancelled(make_pipeline):
     pipeline.start_worker(concurrency=2)
     client = pipeline.client
     client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=_recipients("c", 900), campaign_id="cancelling",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=_recipients("c", 900),
+        campaign_id="cancelling",
     )
     wait_for(lambda: client.campaign_status("cancelling").counts["sent"] >= 50, timeout_s=60)
     client.cancel("cancelling")
@@ -76,8 +82,11 @@ def test_bad_credentials_pause_the_campaign_and_leave_messages_deferred(make_pip
     pipeline.start_worker(concurrency=1)
     client = pipeline.client
     client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=_recipients("f", 120), campaign_id="fatal",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=_recipients("f", 120),
+        campaign_id="fatal",
     )
 
     def settled():
@@ -99,14 +108,22 @@ def test_bad_credentials_pause_the_campaign_and_leave_messages_deferred(make_pip
 
 def test_retry_failed_requeues_permanent_failures(make_pipeline):
     pipeline = make_pipeline(
-        "tls", sandbox_args=["--reject-recipient", "bad1@example.com",
-                             "--reject-recipient", "bad2@example.com"],
+        "tls",
+        sandbox_args=[
+            "--reject-recipient",
+            "bad1@example.com",
+            "--reject-recipient",
+            "bad2@example.com",
+        ],
     )
     pipeline.start_worker(concurrency=1)
     client = pipeline.client
     recipients = [*_recipients("ok", 20), "bad1@example.com", "bad2@example.com"]
     client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x", recipients=recipients,
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=recipients,
         campaign_id="retrying",
     )
     first = pipeline.wait_done("retrying")

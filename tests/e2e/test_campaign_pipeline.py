@@ -66,7 +66,10 @@ def test_same_idempotency_key_sends_once(make_pipeline):
     pipeline.start_worker(concurrency=1, queues="transactional")
     client = pipeline.client
     fields = dict(
-        from_="app@example.com", to=["once@example.com"], subject="Receipt", text="Thanks",
+        from_="app@example.com",
+        to=["once@example.com"],
+        subject="Receipt",
+        text="Thanks",
         idempotency_key="order-1234",
     )
     first = client.send_email(**fields)

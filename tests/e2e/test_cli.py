@@ -17,8 +17,12 @@ from ..conftest import write_csv
 CLI = [sys.executable, "-m", "ses_tasks.cli"]
 
 
-def run(args: list[str], env: dict[str, str] | None = None, stdin: str | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str],
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args],
         env={**os.environ, **(env or {})},
@@ -69,9 +73,22 @@ def test_campaign_send_wait_json_status_and_failures(make_pipeline, tmp_path: Pa
     recipients = write_csv(tmp_path / "r.csv", rows)
     (tmp_path / "body.txt").write_text("Hi {{ name }}")
     send = run(
-        ["campaign", "send", "--from", "news@example.com", "--subject", "Hello {{ name }}",
-         "--text", str(tmp_path / "body.txt"), "--recipients", str(recipients),
-         "--id", "cli-1", "--wait", "--json"],
+        [
+            "campaign",
+            "send",
+            "--from",
+            "news@example.com",
+            "--subject",
+            "Hello {{ name }}",
+            "--text",
+            str(tmp_path / "body.txt"),
+            "--recipients",
+            str(recipients),
+            "--id",
+            "cli-1",
+            "--wait",
+            "--json",
+        ],
         env=pipeline.env,
     )
     assert send.returncode == 0, send.stderr
@@ -81,8 +98,20 @@ def test_campaign_send_wait_json_status_and_failures(make_pipeline, tmp_path: Pa
     assert final["sent"] == 41 and final["failed"] == 1
     status = run(["campaign", "status", "cli-1", "--json"], env=pipeline.env)
     data = json.loads(status.stdout)
-    for key in ("id", "state", "total", "queued", "sending", "sent", "retrying", "deferred",
-                "failed", "suppressed", "unknown", "cancelled"):
+    for key in (
+        "id",
+        "state",
+        "total",
+        "queued",
+        "sending",
+        "sent",
+        "retrying",
+        "deferred",
+        "failed",
+        "suppressed",
+        "unknown",
+        "cancelled",
+    ):
         assert key in data
     assert data["state"] == "completed"
     failures = run(["campaign", "failures", "cli-1"], env=pipeline.env)

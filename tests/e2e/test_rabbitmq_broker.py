@@ -38,12 +38,15 @@ def test_campaign_and_transactional_over_rabbitmq(make_pipeline, amqp_url):
     pipeline.start_worker(concurrency=2)
     client = pipeline.client
     status = client.send_campaign(
-        from_="news@example.com", subject="Hi {{ n }}", text="n={{ n }}",
+        from_="news@example.com",
+        subject="Hi {{ n }}",
+        text="n={{ n }}",
         recipients=[{"email": f"amqp{i}@example.com", "n": i} for i in range(250)],
         campaign_id="amqp",
     )
-    result = client.send_email(from_="app@example.com", to=["tx@example.com"],
-                               subject="Code", text="1234")
+    result = client.send_email(
+        from_="app@example.com", to=["tx@example.com"], subject="Code", text="1234"
+    )
     assert result.get(timeout=60)["state"] == "sent"
     final = pipeline.wait_done(status.id)
     assert final.counts["sent"] == 250

@@ -18,8 +18,11 @@ def test_warm_connections_are_reused_across_tasks(make_pipeline):
     pipeline = make_pipeline("starttls", SES_TASKS_MAX_MESSAGES_PER_CONNECTION="200")
     pipeline.start_worker(concurrency=2)
     status = pipeline.client.send_campaign(
-        from_="news@example.com", subject="Hi", text="Hello {{ email }}",
-        recipients=[f"warm{i}@example.com" for i in range(1000)], campaign_id="warm",
+        from_="news@example.com",
+        subject="Hi",
+        text="Hello {{ email }}",
+        recipients=[f"warm{i}@example.com" for i in range(1000)],
+        campaign_id="warm",
     )
     final = pipeline.wait_done(status.id)
     assert final.counts["sent"] == 1000
@@ -37,8 +40,11 @@ def test_kill_9_of_a_worker_process_mid_campaign(make_pipeline):
     worker = pipeline.start_worker(concurrency=2)
     total = 1500
     status = pipeline.client.send_campaign(
-        from_="news@example.com", subject="Hi", text="Hello {{ email }}",
-        recipients=[f"k{i}@example.com" for i in range(total)], campaign_id="kill9",
+        from_="news@example.com",
+        subject="Hi",
+        text="Hello {{ email }}",
+        recipients=[f"k{i}@example.com" for i in range(total)],
+        campaign_id="kill9",
     )
     client = pipeline.client
     wait_for(lambda: client.campaign_status("kill9").counts["sent"] >= 300, timeout_s=60)
@@ -63,8 +69,11 @@ def test_sigterm_finishes_current_work_and_quits_connections(make_pipeline):
     pipeline = make_pipeline("starttls", SES_TASKS_MAX_SEND_RATE="200")
     worker = pipeline.start_worker(concurrency=2)
     pipeline.client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=[f"t{i}@example.com" for i in range(600)], campaign_id="term",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=[f"t{i}@example.com" for i in range(600)],
+        campaign_id="term",
     )
     client = pipeline.client
     wait_for(lambda: client.campaign_status("term").counts["sent"] >= 100, timeout_s=60)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ValidationError
+from .observe import observers
 from .keys import TRANSACTIONAL
 from .message import CampaignTemplate, MessageSpec, RenderedMessage, render_message
 from .ratelimit import Priority
@@ -117,6 +119,10 @@ class _Batch:
         return f"{self.campaign_id}.{item[0]}"
 
     async def flush(self) -> str:
+        if self.pending and observers:
+            for state, count in Counter(r.state.value for r in self.pending).items():
+                for observer in observers:
+                    observer.message_recorded(state, count)
         if self.pending:
             self.campaign_state = await self.rt.store.finish(self.campaign_id, self.pending)
             self.report.recorded += len(self.pending)
@@ -127,6 +133,8 @@ class _Batch:
         s = self.rt.settings
         item, mid = ready.item, ready.message_id
         outcome = result.outcome
+        for observer in observers:
+            observer.message_outcome(outcome.value, priority="bulk")
         if outcome is Outcome.SENT:
             self.report.sent += 1
             self.pending.append(
@@ -248,6 +256,9 @@ async def process_batch(rt: WorkerRuntime, campaign_id: str, items: Sequence[Ite
         batch.report.follow_ups.append(
             FollowUp(batch.transient[-1], batch.quota_retry_s, "24-hour quota used up")
         )
+    for follow_up in batch.report.follow_ups:
+        for observer in observers:
+            observer.retry_scheduled(follow_up.why, len(follow_up.items))
     return batch.report
 
 
@@ -259,7 +270,11 @@ async def _send_all(rt: WorkerRuntime, batch: _Batch, ready: list[_Ready]) -> in
 
     async def send_one(r: _Ready) -> tuple[_Ready, SendResult]:
         m = r.rendered
-        return r, await rt.pool.send(m.envelope_from, m.recipients, m.data)
+        started = time.perf_counter()
+        result = await rt.pool.send(m.envelope_from, m.recipients, m.data)
+        for observer in observers:
+            observer.send_latency(time.perf_counter() - started)
+        return r, result
 
     async def collect(done: set[asyncio.Task[tuple[_Ready, SendResult]]]) -> None:
         for task in done:
@@ -276,7 +291,9 @@ async def _send_all(rt: WorkerRuntime, batch: _Batch, ready: list[_Ready]) -> in
         if not decision.granted:
             batch.quota_retry_s = min(max(decision.retry_after_s, 1.0), s.retry_max_s)
             break
-        await rt.limiter.acquire(weight, priority=Priority.BULK)
+        waited_s = await rt.limiter.acquire(weight, priority=Priority.BULK)
+        for observer in observers:
+            observer.limiter_wait(waited_s, priority="bulk")
         for r in chunk:
             inflight.add(asyncio.create_task(send_one(r)))
         started += len(chunk)
@@ -378,8 +395,13 @@ async def process_message(
         return MessageDecision(
             _record(message_id, MessageState.DEFERRED, reason=reason), delay, failures
         )
-    await rt.limiter.acquire(len(recipients), priority=Priority.TRANSACTIONAL)
+    waited_s = await rt.limiter.acquire(len(recipients), priority=Priority.TRANSACTIONAL)
+    started = time.perf_counter()
     result = await rt.pool.send(rendered.envelope_from, recipients, rendered.data)
+    for observer in observers:
+        observer.limiter_wait(waited_s, priority="transactional")
+        observer.send_latency(time.perf_counter() - started)
+        observer.message_outcome(result.outcome.value, priority="transactional")
 
     state, retry_in, keep_row = _single_outcome(rt, result, failures)
     if result.outcome is Outcome.THROTTLED:
@@ -388,6 +410,10 @@ async def process_message(
         await rt.quota.mark_exhausted()
     if result.outcome is Outcome.TRANSIENT:
         failures += 1
+    for observer in observers:
+        observer.message_recorded(state.value, 1)
+        if retry_in is not None:
+            observer.retry_scheduled(result.outcome.value, 1)
     await store.finish(
         TRANSACTIONAL,
         [

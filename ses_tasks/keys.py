@@ -47,6 +47,13 @@ class Keys:
     def message(self, message_id: str) -> str:
         return self.message_prefix(campaign_of(message_id)) + message_id
 
+    def ses_id_prefix(self) -> str:
+        """``<prefix><SES message id>`` holds our message id: feedback correlates by it."""
+        return f"{self.prefix}:ses-id:"
+
+    def ses_id(self, ses_message_id: str) -> str:
+        return self.ses_id_prefix() + ses_message_id
+
     def campaigns_index(self) -> str:
         return f"{self.prefix}:campaigns"
 

@@ -248,6 +248,7 @@ class _Base:
             self.keys.message_prefix(campaign_id),
             self.retention_s,
             "requeue" if requeue else "normal",
+            self.keys.ses_id_prefix(),
         ]
         for outcome in outcomes:
             argv += outcome.argv()
@@ -456,6 +457,10 @@ class StatusStore(_Base):
                 yield record
 
     # Messages --------------------------------------------------------------------------
+
+    def message_id_for_ses_id(self, ses_message_id: str) -> str | None:
+        raw = self.redis.get(self.keys.ses_id(ses_message_id))
+        return None if raw is None else _text(raw)
 
     def message_status(self, message_id: str) -> MessageRecord | None:
         """One message's record. A campaign message with no record yet is ``queued``."""

@@ -1,17 +1,18 @@
 -- Record outcomes for messages of one campaign, atomically with its counters.
 -- KEYS[1] campaign hash, KEYS[2] not-sent index set
--- ARGV[1] message key prefix, ARGV[2] retention s, ARGV[3] "normal" | "requeue"
--- ARGV[4..] groups of 6: message id, new state, code, reason, ses message id, row json
+-- ARGV[1] message key prefix, ARGV[2] retention s, ARGV[3] "normal" | "requeue",
+-- ARGV[4] SES message id index prefix (SES id -> our message id, for feedback)
+-- ARGV[5..] groups of 6: message id, new state, code, reason, ses message id, row json
 -- A message recorded "sent" never changes again; other final states change only in
 -- "requeue" mode (retry-failed, resend-unknown). Marks the campaign completed when the last
 -- message becomes final. Returns {campaign_state, applied_count}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local camp = KEYS[1]
-local prefix, ttl, mode = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local prefix, ttl, mode, ses_index = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local final = {sent=true, failed=true, suppressed=true, unknown=true, cancelled=true}
 local applied = 0
-for i = 4, #ARGV, 6 do
+for i = 5, #ARGV, 6 do
   local mid, new = ARGV[i], ARGV[i + 1]
   local key = prefix .. mid
   local old = redis.call('HGET', key, 'state') or 'queued'
@@ -23,7 +24,10 @@ for i = 4, #ARGV, 6 do
     end
     redis.call('HSET', key, 'state', new, 'code', ARGV[i + 2], 'reason', ARGV[i + 3],
       'updated_at', now)
-    if ARGV[i + 4] ~= '' then redis.call('HSET', key, 'ses_message_id', ARGV[i + 4]) end
+    if ARGV[i + 4] ~= '' then
+      redis.call('HSET', key, 'ses_message_id', ARGV[i + 4])
+      redis.call('SET', ses_index .. ARGV[i + 4], mid, 'EX', ttl)
+    end
     if ARGV[i + 5] ~= '' then redis.call('HSET', key, 'row', ARGV[i + 5]) end
     if new == 'sent' then
       redis.call('HDEL', key, 'lease_until', 'lease_token', 'row')

@@ -148,3 +148,11 @@ def test_single_messages_are_recorded_once(store):
     assert store.add_message("transactional.abc", "a@example.com") is True
     assert store.add_message("transactional.abc", "a@example.com") is False
     assert counts(store, "transactional") == {"queued": 1}
+
+
+def test_ses_message_id_index_finds_our_message(store):
+    items = make(store, n=1)
+    store.claim("c1", items, lease_s=60, token="w")
+    store.finish("c1", [Record("c1.0", MessageState.SENT, 250, "", "0107-abc-000000")])
+    assert store.message_id_for_ses_id("0107-abc-000000") == "c1.0"
+    assert store.message_id_for_ses_id("other") is None

@@ -267,10 +267,13 @@ class SmtpConnection:
             return classify_exception(exc, data_sent=data_sent)
         self.messages += 1
         self.last_used_at = time.monotonic()
-        self.in_transaction = False
         result = classify_reply(reply.code, reply.message, stage="eom")
-        if result.reconnect:
+        if result.outcome is Outcome.SENT:
+            self.in_transaction = False
+        elif result.reconnect:
             self.abort()
+        else:
+            await self._reset()
         return result
 
     async def noop(self) -> bool:
@@ -352,20 +355,27 @@ class SmtpConnection:
             result = SendResult(
                 Outcome.TRANSIENT, code, f"unexpected reply at {stage}: {text}", reconnect=True
             )
-        smtp = self._smtp
-        if result.reconnect or smtp is None or not smtp.is_connected:
+        if result.reconnect:
             self.abort()
         else:
-            try:
-                reply = await smtp.execute_command(b"RSET", timeout=self._send_timeout_s)
-            except Exception:
-                self.abort()
-            else:
-                if reply.code != 250:
-                    self.abort()
-        self.in_transaction = False
+            await self._reset()
         self.last_used_at = time.monotonic()
         return result
+
+    async def _reset(self) -> None:
+        """RSET after a failed transaction, so the next one starts clean; close if it fails."""
+        smtp = self._smtp
+        if smtp is None or not smtp.is_connected:
+            self.abort()
+            return
+        try:
+            reply = await smtp.execute_command(b"RSET", timeout=self._send_timeout_s)
+        except Exception:
+            self.abort()
+            return
+        if reply.code != 250:
+            self.abort()
+        self.in_transaction = False
 
     async def _quit_quietly(self) -> None:
         smtp = self._smtp

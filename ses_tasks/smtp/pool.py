@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import ssl
 import time
@@ -304,6 +305,8 @@ class SmtpPool:
         try:
             conn = await self._ready(conn)
             if conn.state is ConnectionState.CONNECTING:
+                if self._closed:  # handed a slot just before close(): open nothing new
+                    return _POOL_CLOSED
                 fatal = self._active_fatal()
                 if fatal is not None:
                     return fatal
@@ -522,8 +525,16 @@ class SmtpPool:
         log.debug("closed %r", self)
 
 
+# A bare ASCII local@domain with nothing to parse: the common case, skips email.utils.
+_PLAIN_ADDRESS_RE: Final = re.compile(
+    r"[!#-'*+\-/-9=?A-Z^-~]+(?:\.[!#-'*+\-/-9=?A-Z^-~]+)*@[A-Za-z0-9.\-]+"
+)
+
+
 def _envelope_address(address: str) -> bytes:
     """``<addr>`` as 7-bit bytes, refused here (not mid-transaction) if it cannot go."""
+    if _PLAIN_ADDRESS_RE.fullmatch(address):
+        return b"<" + address.encode("ascii") + b">"
     try:
         quoted = quote_address(address).encode("ascii")
     except UnicodeEncodeError:

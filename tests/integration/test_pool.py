@@ -300,27 +300,25 @@ def test_results_come_back_in_input_order() -> None:
     with_sandbox(body)()
 
 
-def test_refused_recipient_is_reset_and_the_connection_reused() -> None:
+def test_refused_messages_are_reset_and_the_connection_reused() -> None:
     async def body(sb: Sandbox) -> None:
         async with pool_on(sb, PortMode.STARTTLS, size=1) as pool:
-            bad = await pool.send(SENDER, [RCPT, "user@invalid_domain"], BODY)
+            bad_rcpt = await pool.send(SENDER, [RCPT, "user@invalid_domain"], BODY)
+            unverified = await pool.send(SENDER, ["unverified@example.com"], BODY)
             good = await pool.send(SENDER, [RCPT], BODY)
             assert pool.stats.opened == 1
-        assert (bad.outcome, bad.code) == (Outcome.PERMANENT, 553)
+        assert (bad_rcpt.outcome, bad_rcpt.code) == (Outcome.PERMANENT, 553)
+        assert (unverified.outcome, unverified.code) == (Outcome.PERMANENT, 554)
+        assert "not verified" in unverified.reason
         assert good.outcome is Outcome.SENT
         [session] = sb.sessions
         assert session.commands[4:] == [
-            "MAIL",
-            "RCPT",
-            "RCPT",
-            "RSET",
-            "MAIL",
-            "RCPT",
-            "DATA",
-            "QUIT",
-        ]
+            "MAIL", "RCPT", "RCPT", "RSET",
+            "MAIL", "RCPT", "DATA", "RSET",
+            "MAIL", "RCPT", "DATA", "QUIT",
+        ]  # fmt: skip
 
-    with_sandbox(body)()
+    with_sandbox(body, faults=Faults(reject_recipients=frozenset({"unverified@example.com"})))()
 
 
 def test_unsendable_addresses_are_refused_before_anything_is_sent() -> None:

@@ -26,7 +26,7 @@ import redis as redis_sync
 from redis.asyncio import Redis as AsyncRedis
 
 from .errors import ConfigurationError, SesTasksError
-from .ratelimit import check_account, check_weight, load_lua
+from .ratelimit import ASYNC_CLIENTS, SYNC_CLIENTS, check_account, check_weight, load_lua
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -191,7 +191,7 @@ class DailyQuota(_QuotaCore):
         window_s: float = DEFAULT_WINDOW_S,
         buckets: int = DEFAULT_BUCKETS,
     ) -> None:
-        if not isinstance(redis, AsyncRedis):
+        if isinstance(redis, SYNC_CLIENTS):
             raise ConfigurationError(
                 "redis", "DailyQuota needs redis.asyncio.Redis; use SyncDailyQuota"
             )
@@ -261,7 +261,7 @@ class SyncDailyQuota(_QuotaCore):
         window_s: float = DEFAULT_WINDOW_S,
         buckets: int = DEFAULT_BUCKETS,
     ) -> None:
-        if not isinstance(redis, redis_sync.Redis):
+        if isinstance(redis, ASYNC_CLIENTS):
             raise ConfigurationError("redis", "SyncDailyQuota needs redis.Redis; use DailyQuota")
         super().__init__(
             key_prefix=key_prefix, account=account, limit=limit, window_s=window_s, buckets=buckets

@@ -9,29 +9,34 @@ Reservation, not polling
     ``acquire(n)`` costs one round trip: the script *reserves* ``n`` tokens (advances the
     theoretical arrival time, TAT) and answers how long to wait; the caller sleeps exactly
     that long and sends. A batch of 100 recipients pays one round trip, not 100. ``n``
-    larger than the burst works: it waits about ``n / rate``.
+    larger than the burst works: it waits about ``n / rate``. A waiting caller that is
+    cancelled gives its tokens back if nobody reserved after it.
 
 Limits (GCRA)
     ``interval = 1 / effective_rate``. A request of ``n`` is sent at
-    ``max(TAT, now) + n * interval - tolerance``; over any span ``L`` the fleet sends at most
-    ``rate * L + burst`` recipients. Tolerances are in time, fixed by the *configured* rate:
-    ``tolerance_tx = burst / rate``, ``tolerance_bulk = (1 - transactional_reserve) *
-    tolerance_tx``. When the adaptive factor lowers the rate, the burst in recipients shrinks
-    with it.
+    ``max(TAT, now) + n * interval - tolerance`` (or now, if that is earlier); over any
+    span ``L`` the fleet sends at most ``rate * L + burst`` recipients. Tolerances are in
+    time, fixed by the *configured* rate: ``tolerance_tx = burst / rate`` and
+    ``tolerance_bulk = (1 - transactional_reserve) * tolerance_tx``. When the adaptive
+    factor lowers the rate, the burst in recipients shrinks with it.
 
 Priorities
     Bulk may burst only ``(1 - transactional_reserve) * burst``; transactional may use the
     whole burst. A saturating campaign therefore keeps ``TAT ~ now + tolerance_bulk`` and a
     password-reset mail finds ``reserve * burst`` tokens of headroom at once. Sustained
     transactional traffic pushes TAT forward, which slows bulk (strict priority); with no
-    transactional traffic bulk gets the full rate. To keep that promise bulk may reserve only
-    while ``TAT - now <= tolerance_bulk + bulk_lookahead_s``: a transactional request never
-    waits behind more than one lookahead of promised bulk sends (worst case
-    ``bulk_lookahead_s + (n_bulk + n_tx) / rate - reserve * burst / rate``). A bulk request
-    beyond that reserves nothing; it gets a place in a virtual line and the time to come
-    back, so waiting bulk callers return one after another (two round trips at saturation,
-    one otherwise) instead of all at once. ``reserve()`` always reserves and so bypasses
-    the line: use it only when you schedule sends yourself.
+    transactional traffic bulk gets the full rate.
+
+    Reservations are promises that cannot be taken back, so to keep the priority bulk may
+    reserve only while ``TAT - now <= tolerance_bulk + bulk_lookahead_s``. A transactional
+    request thus waits at most ``bulk_lookahead_s + (n_bulk + n_tx) / rate - reserve *
+    burst / rate`` (zero while bulk is below its burst). A bulk request beyond the
+    lookahead reserves nothing: the first time it gets a place at the end of a virtual line
+    and the time to come back; coming back it reserves (or, if transactional traffic
+    pushed TAT meanwhile, gets the time until bulk fits again). Waiting bulk callers so
+    return one after another, not all at once: one round trip per acquire below the rate,
+    two at saturation (measured 1.98), never a poll loop. ``reserve()`` always reserves and
+    so bypasses the line: use it only when you schedule sends yourself.
 
 Adaptive rate (AIMD)
     The effective rate is ``configured * factor`` with the factor in Redis, shared by the
@@ -63,6 +68,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis as redis_sync
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 from .errors import ConfigurationError, SesTasksError, ValidationError
 
@@ -100,6 +106,9 @@ DEFAULT_RECOVER_INTERVAL_S = 1.0
 #: Minimum life of the limiter's key once idle (it keeps the adaptive factor).
 MIN_STATE_TTL_S = 60.0
 
+#: Client kinds, to refuse a sync client in the async class and the reverse.
+SYNC_CLIENTS = (redis_sync.Redis, redis_sync.RedisCluster)
+ASYNC_CLIENTS = (AsyncRedis, AsyncRedisCluster)
 _ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
@@ -236,6 +245,13 @@ class _LimiterCore:
             else 0.0
         )
         self.ttl_ms = math.ceil(max(MIN_STATE_TTL_S, 2 * full_recovery_s) * 1000)
+        self._acquire_config = (
+            repr(self.rate_per_s),
+            repr(self.tolerance_tx_us),
+            repr(self.tolerance_bulk_us),
+            repr(self.bulk_lookahead_s * 1e6),
+        )
+        self._recovery_config = (repr(self.step), repr(self.recover_interval_us), str(self.ttl_ms))
         #: Server-time override (integer microseconds) for tests; None = Redis ``TIME``.
         self._now_us: Callable[[], int] | None = None
         #: Script calls made (one Redis round trip each, unless a NOSCRIPT reload happened).
@@ -256,16 +272,11 @@ class _LimiterCore:
         return [
             self._now_arg(),
             str(n),
-            repr(self.rate_per_s),
-            repr(self.tolerance_tx_us),
-            repr(self.tolerance_bulk_us),
-            repr(self.bulk_lookahead_s * 1e6),
-            "t" if Priority(priority) is Priority.TRANSACTIONAL else "b",
+            *self._acquire_config,
+            "t" if priority == Priority.TRANSACTIONAL else "b",
             "-1" if max_wait_s is None else repr(max(0.0, max_wait_s) * 1e6),
             mode,
-            repr(self.step),
-            repr(self.recover_interval_us),
-            str(self.ttl_ms),
+            *self._recovery_config,
         ]
 
     def _grant(self, raw: Sequence[Any]) -> _Grant:
@@ -368,7 +379,7 @@ class FleetRateLimiter(_LimiterCore):
         bulk_lookahead_s: float = DEFAULT_BULK_LOOKAHEAD_S,
         throttle_guard_s: float = DEFAULT_THROTTLE_GUARD_S,
     ) -> None:
-        if not isinstance(redis, AsyncRedis):
+        if isinstance(redis, SYNC_CLIENTS):
             raise ConfigurationError(
                 "redis", "FleetRateLimiter needs redis.asyncio.Redis; use SyncFleetRateLimiter"
             )
@@ -491,7 +502,7 @@ class SyncFleetRateLimiter(_LimiterCore):
         bulk_lookahead_s: float = DEFAULT_BULK_LOOKAHEAD_S,
         throttle_guard_s: float = DEFAULT_THROTTLE_GUARD_S,
     ) -> None:
-        if not isinstance(redis, redis_sync.Redis):
+        if isinstance(redis, ASYNC_CLIENTS):
             raise ConfigurationError(
                 "redis", "SyncFleetRateLimiter needs redis.Redis; use FleetRateLimiter"
             )

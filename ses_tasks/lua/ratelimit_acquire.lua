@@ -38,6 +38,7 @@ if not transactional and mode ~= 'force' and q - now > tol_bulk + lookahead then
   -- so that waiting callers come back one after another, not all at once; a caller coming
   -- back (pushed further by transactional traffic) gets the time until bulk fits again.
   field = 'qtat'
+  if mode ~= 'fresh' then field = 'none' end  -- nothing written, nothing to refund
   wait = q - now - tol_bulk - lookahead
   previous = tonumber(st[2]) or 0
   stored = math.ceil(q + cost)

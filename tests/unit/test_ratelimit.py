@@ -233,6 +233,32 @@ def test_cancelled_wait_gives_the_tokens_back() -> None:
     assert after == pytest.approx(before)
 
 
+def test_cancelled_place_in_line_is_given_back() -> None:
+    async def main() -> tuple[tuple[str, float], tuple[str, float]]:
+        clock = Clock()
+        lim = limiter(clock, bulk_lookahead_s=0.0)
+        await lim.reserve(12)  # TAT = now + 120 ms: bulk must line up
+        blocked = asyncio.Event()
+
+        async def stuck_sleep(seconds: float) -> None:
+            blocked.set()
+            await asyncio.Event().wait()
+
+        lim._sleep = stuck_sleep
+        first = await raw_acquire(lim, 3, "fresh")
+        await lim._call("refund", ["qtat", str(EPOCH_US + 150_000), str(EPOCH_US + 120_000)])
+        task = asyncio.create_task(lim.acquire(3))
+        await asyncio.wait_for(blocked.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return first, await raw_acquire(lim, 3, "fresh")
+
+    first, after_cancel = run(main())
+    assert first == ("later", 0.04)
+    assert after_cancel == first  # the cancelled caller's place went back to the line
+
+
 def test_real_time_acquire_waits_the_time_needed() -> None:
     async def main() -> tuple[float, float]:
         lim = limiter(rate_per_s=200.0, burst=1.0, transactional_reserve=0.0)

@@ -97,6 +97,7 @@ _MESSAGE_ID_RE = re.compile(
 )
 _URL_FORBIDDEN_RE = re.compile(r"[^\x21-\x7e]|[<>,]")
 _NAME_ADDR_RE = re.compile(r"(.*?)\s*<([^<>]*)>\s*")
+_WSP_RUN_RE = re.compile(r"[ \t]\s*")
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 
 
@@ -130,7 +131,12 @@ def _check_addr_spec(addr: str) -> str:
 
 
 def parse_address(value: str, field: str, *, allow_display_name: bool = True) -> Address:
-    """``a@b`` or ``Name <a@b>`` -> :class:`Address`, or :class:`ValidationError` on ``field``."""
+    """``a@b`` or ``Name <a@b>`` -> :class:`Address`, or :class:`ValidationError` on ``field``.
+
+    The display name may be quoted (``"Doe, John" <a@b>``); its blanks are normalised
+    (a space or tab and any whitespace after it become one space, as decoders read
+    encoded-words; no whitespace at either end).
+    """
     if not isinstance(value, str):
         raise ValidationError(field, "must be a string")
     mime.check_header_text(value, field)
@@ -143,7 +149,9 @@ def parse_address(value: str, field: str, *, allow_display_name: bool = True) ->
         raw_name, addr = match.group(1).strip(), match.group(2).strip()
         if len(raw_name) >= 2 and raw_name[0] == raw_name[-1] == '"':
             raw_name = re.sub(r"\\(.)", r"\1", raw_name[1:-1])
-        display_name = raw_name or None
+        # Whitespace runs collapse to one space: decoders (Python's among them) do that to
+        # encoded-words anyway, so normalising here keeps every rendering path identical.
+        display_name = _WSP_RUN_RE.sub(" ", raw_name).strip() or None
         if display_name is not None and len(display_name) > MAX_DISPLAY_NAME_CHARS:
             raise ValidationError(
                 field, f"display name is longer than {MAX_DISPLAY_NAME_CHARS} characters"
@@ -434,6 +442,10 @@ def _unsubscribe_items(url: str | None, mailto: str | None, field_prefix: str = 
                 f"contains {bad.group()!r}; percent-encode spaces, commas, '<', '>' and "
                 "non-ASCII characters",
             )
+        if "=?" in url:
+            raise ValidationError(
+                field, "contains '=?', which mail readers decode as RFC 2047; write '%3D?'"
+            )
         try:
             parts = urlsplit(url)
             host = parts.hostname
@@ -449,7 +461,7 @@ def _unsubscribe_items(url: str | None, mailto: str | None, field_prefix: str = 
             raise ValidationError(field, f"is longer than {MAX_URL_CHARS} characters")
         addr, sep, query = mailto.removeprefix("mailto:").partition("?")
         address = parse_address(addr, field, allow_display_name=False)
-        bad = _URL_FORBIDDEN_RE.search(query)
+        bad = _URL_FORBIDDEN_RE.search(query) or re.search(r"=\?", query)
         if bad is not None:
             raise ValidationError(field, f"query contains {bad.group()!r}; percent-encode it")
         items.append(f"<mailto:{address.addr_spec}{sep}{query}>")

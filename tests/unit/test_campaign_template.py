@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import re
 import timeit
 from typing import Any
 
@@ -51,7 +50,8 @@ def bodies(data: bytes) -> list[str]:
 
 
 def crlf(text: str) -> str:
-    return "".join(line + "\r\n" for line in re.split(r"\r\n|\r|\n", text.removesuffix("\n")))
+    # bytes.splitlines: CR, LF and CRLF end a line (not U+2028 and friends).
+    return "".join(line.decode() + "\r\n" for line in text.encode().splitlines()) or "\r\n"
 
 
 def refused_at_render(field: str, fragment: str, tpl: CampaignTemplate, **variables: Any) -> None:

@@ -86,7 +86,8 @@ def assert_wire_format(data: bytes) -> None:
 
 def normalized_body(text: str) -> str:
     """How the email package (and we) store text: CRLF line ends, a final line break."""
-    return "".join(line + "\r\n" for line in re.split(r"\r\n|\r|\n", text.removesuffix("\n")))
+    # bytes.splitlines: CR, LF and CRLF end a line (not U+2028 and friends).
+    return "".join(line.decode() + "\r\n" for line in text.encode().splitlines()) or "\r\n"
 
 
 # --------------------------------------------------------------------------- addresses
@@ -128,8 +129,9 @@ def test_bad_address_names_the_field(field: str, overrides: dict[str, Any]) -> N
 
 
 def test_display_names_are_encoded_and_parse_back() -> None:
-    names = ["Plain Name", "Doe, John", 'Say "hi"', "Jöhn Dœ", "日本語の名前", "  spaced  out "]
-    quoted = [f'"{n}"' if "," in n or '"' in n or n != n.strip() else n for n in names]
+    names = ["Plain Name", "Doe, John", 'Say "hi"', "Jöhn Dœ", "日本語の名前", "spaced out"]
+    quoted = [f'"{n}"' if "," in n or '"' in n else n for n in names]
+    quoted[5] = '"  spaced \t  out "'
     quoted[2] = '"Say \\"hi\\""'
     rendered = render_message(
         spec(
@@ -355,6 +357,7 @@ def test_mailto_only_has_no_one_click_post() -> None:
         ("https://example.com/a,b", "percent-encode"),
         ("https://example.com/ü", "percent-encode"),
         ("https://example.com/" + "a" * 1000, "longer than"),
+        ("https://example.com/?a==?q?x?=", "RFC 2047"),
     ],
 )
 def test_invalid_unsubscribe_url(url: str, fragment: str) -> None:

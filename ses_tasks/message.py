@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import jinja2
 from email_validator import EmailNotValidError, validate_email
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from . import mime
@@ -220,9 +220,7 @@ def _translate(exc: PydanticValidationError) -> ValidationError:
 class _Model(BaseModel):
     """Base model whose construction raises our ValidationError, never pydantic's."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -243,6 +241,10 @@ class _Model(BaseModel):
             return super().model_validate_json(json_data, **kwargs)
         except PydanticValidationError as exc:
             raise _translate(exc) from None
+
+
+#: ``from`` is a keyword: Python callers write ``from_=``, JSON says ``"from"``.
+_FROM_ALIASES = AliasChoices("from", "from_")
 
 
 def _as_list(value: Any) -> Any:
@@ -299,7 +301,7 @@ class Attachment(_Model):
 class MessageSpec(_Model):
     """One message, JSON-safe. Build with field names (``from_=``) or aliases (``"from"``)."""
 
-    from_: str = Field(alias="from")
+    from_: str = Field(validation_alias=_FROM_ALIASES, serialization_alias="from")
     to: list[str] = Field(default_factory=list)
     cc: list[str] = Field(default_factory=list)
     bcc: list[str] = Field(default_factory=list)
@@ -687,6 +689,8 @@ def _environment(*, autoescape: bool) -> _Sandbox:
 
 _TEXT_ENV = _environment(autoescape=False)
 _HTML_ENV = _environment(autoescape=True)
+#: Jinja2's default globals (range, cycler, ...), identical in both environments.
+_TEMPLATE_GLOBALS: dict[str, Any] = dict(_TEXT_ENV.globals)
 
 
 def _is_template(source: str | None) -> bool:
@@ -703,9 +707,15 @@ def _compile(env: _Sandbox, source: str, field: str) -> jinja2.Template:
         raise ValidationError(field, str(exc)) from None
 
 
-def _run(template: jinja2.Template, variables: Mapping[str, object], field: str) -> str:
+def _run(template: jinja2.Template, parent: dict[str, Any], field: str) -> str:
+    """Render with ``parent`` (globals + variables, built once per recipient).
+
+    ``Template.render`` would merge the globals into a fresh dict for every part; sharing
+    one prepared dict across subject, text and html halves the Jinja2 cost per message.
+    """
     try:
-        return template.render(variables)
+        context = template.new_context(parent, shared=True)
+        return "".join(template.root_render_func(context))
     except jinja2.TemplateError as exc:
         raise ValidationError(field, str(exc) or type(exc).__name__) from None
     except Exception as exc:  # template code is user input: anything it raises is theirs
@@ -715,7 +725,7 @@ def _run(template: jinja2.Template, variables: Mapping[str, object], field: str)
 class _CampaignFields(_Model):
     """The JSON form of a CampaignTemplate (what ``to_dict`` writes and Redis stores)."""
 
-    from_: str = Field(alias="from")
+    from_: str = Field(validation_alias=_FROM_ALIASES, serialization_alias="from")
     subject: str
     text: str | None = None
     html: str | None = None
@@ -892,8 +902,9 @@ class CampaignTemplate:
     ) -> RenderedMessage:
         """One recipient's message. Raises ValidationError naming the part that failed."""
         recipient = parse_address(email, "to")
-        if "email" not in variables:
-            variables = {**variables, "email": email}
+        if not isinstance(variables, Mapping):
+            raise ValidationError("variables", "must be a mapping of names to values")
+        variables = {**_TEMPLATE_GLOBALS, "email": email, **variables}
         if self._from_t is not None:
             sender = parse_address(_run(self._from_t, variables, "template.from"), "template.from")
             from_line = mime.address_header("From", _addresses([sender]))

@@ -255,6 +255,12 @@ def test_other_template_exceptions_become_validation_errors() -> None:
     refused_at_render("template.html", "", template(html="{{ code + 'x' }}"))
 
 
+def test_variables_must_be_a_mapping() -> None:
+    with pytest.raises(ValidationError) as info:
+        template().render("a@example.com", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    assert info.value.field == "variables"
+
+
 def test_bad_recipient_address() -> None:
     tpl = template()
     with pytest.raises(ValidationError) as info:

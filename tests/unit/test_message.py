@@ -477,7 +477,8 @@ def test_rendered_message_basics() -> None:
     assert msg["Message-ID"] == "<abc.123@example.com>"
     assert msg["MIME-Version"] == "1.0"
     sent = email.utils.parsedate_to_datetime(msg["Date"])
-    assert sent.utcoffset() is not None and sent.utcoffset().total_seconds() == 0
+    offset = sent.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     assert msg.get_content_type() == "text/plain"
     assert msg["Content-Transfer-Encoding"] == "7bit"
     assert "size=" in repr(rendered) and "Hi there" not in repr(rendered)

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 Item = list[Any]
 STOP_STATES = frozenset({CampaignState.PAUSED.value, CampaignState.CANCELLED.value})
 TEMPLATE_CACHE_SIZE = 64
+#: Outcomes after which SES may have counted the recipients against the 24-hour quota.
+SPENT = frozenset({Outcome.SENT, Outcome.UNKNOWN})
 
 
 @dataclass(slots=True)
@@ -146,8 +148,8 @@ class _Batch:
             self.throttled.append(item)
             self.pending.append(Record(mid, MessageState.RETRYING, result.code, result.reason))
         elif outcome is Outcome.QUOTA_EXHAUSTED:
-            await self.rt.quota.mark_exhausted()
-            self.quota_retry_s = s.retry_max_s
+            retry_s = await self.rt.quota.mark_exhausted()
+            self.quota_retry_s = min(max(retry_s, 1.0), s.retry_max_s)
             self.transient[-1].append(item)
             self.pending.append(Record(mid, MessageState.DEFERRED, result.code, result.reason))
         elif outcome is Outcome.TRANSIENT:
@@ -277,8 +279,14 @@ async def _send_all(rt: WorkerRuntime, batch: _Batch, ready: list[_Ready]) -> in
         return r, result
 
     async def collect(done: set[asyncio.Task[tuple[_Ready, SendResult]]]) -> None:
+        unused = 0
         for task in done:
-            await batch.classify(*task.result())
+            ready, result = task.result()
+            await batch.classify(ready, result)
+            if result.outcome not in SPENT:
+                unused += len(ready.rendered.recipients)
+        if unused:
+            await rt.quota.release(unused)  # SES did not take them: give the quota back
         await batch.flush()
 
     started = 0
@@ -404,6 +412,8 @@ async def process_message(
         observer.message_outcome(result.outcome.value, priority="transactional")
 
     state, retry_in, keep_row = _single_outcome(rt, result, failures)
+    if result.outcome not in SPENT:
+        await rt.quota.release(len(recipients))
     if result.outcome is Outcome.THROTTLED:
         await rt.limiter.on_throttle()
     elif result.outcome is Outcome.QUOTA_EXHAUSTED:

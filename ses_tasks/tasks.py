@@ -16,6 +16,8 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from . import delivery
 from .app import BATCH_TASK, MESSAGE_TASK, app
+from .quota import QuotaUnavailableError
+from .ratelimit import LimiterUnavailableError
 from .workers.runtime import get_runtime, shutdown_runtime
 
 __all__ = ["send_batch", "send_message"]
@@ -24,6 +26,13 @@ log = logging.getLogger(__name__)
 
 #: When the status store (Redis) is unreachable, try again after this long.
 STORE_DOWN_RETRY_S = 2.0
+#: Redis unreachable (status store, limiter or quota): the task is retried, not lost.
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    LimiterUnavailableError,
+    QuotaUnavailableError,
+)
 
 
 @worker_process_init.connect
@@ -42,7 +51,7 @@ def send_batch(self: Task, campaign_id: str, items: list[list[Any]]) -> dict[str
     runtime = get_runtime()
     try:
         report = runtime.run(delivery.process_batch(runtime, campaign_id, items))
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except REDIS_DOWN as exc:
         log.warning("status store unreachable (%s); batch of %s retried", exc, campaign_id)
         raise self.retry(countdown=STORE_DOWN_RETRY_S) from None
     for follow_up in report.follow_ups:
@@ -64,7 +73,7 @@ def send_message(
     runtime = get_runtime()
     try:
         decision = runtime.run(delivery.process_message(runtime, message_id, spec, failures))
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except REDIS_DOWN as exc:
         log.warning("status store unreachable (%s); message %s retried", exc, message_id)
         raise self.retry(countdown=STORE_DOWN_RETRY_S) from None
     if decision.retry_in_s is not None:

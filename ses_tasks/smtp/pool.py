@@ -231,6 +231,8 @@ class SmtpPool:
         """
         if self._closed:
             raise RuntimeError("pool is closed")
+        if isinstance(recipients, str):
+            raise TypeError("recipients must be a sequence of addresses, not one string")
         fatal = self._active_fatal()
         if fatal is not None:
             return fatal
@@ -279,11 +281,11 @@ class SmtpPool:
         failure = await conn.open()
         if failure is not None:
             raise to_error(failure)
-        try:
-            assert conn.info is not None
-            return conn.info
-        finally:
-            await asyncio.shield(conn.quit())
+        info = conn.info
+        await asyncio.shield(conn.quit())
+        if info is None:  # open() always sets it on success
+            raise RuntimeError("connection opened without describing itself")
+        return info
 
     async def close(self) -> None:
         """QUIT every connection and stop; idempotent and shielded from cancellation.

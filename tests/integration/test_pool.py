@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from ses_tasks.endpoint import Endpoint, PortMode, make_tls_context, resolve_endpoint
-from ses_tasks.errors import EndpointFatalError, TLSPolicyError
+from ses_tasks.errors import ConfigurationError, EndpointFatalError, TLSPolicyError
 from ses_tasks.sandbox import Faults, Sandbox, SandboxConfig
 from ses_tasks.smtp import SendResult, SmtpPool, to_error
 from ses_tasks.smtp.replies import NO_STARTTLS_REASON
@@ -522,3 +522,19 @@ def test_probe_raises_the_matching_error() -> None:
             await pool.probe()
 
     with_sandbox(body, advertise_starttls=False)()
+
+
+# -- misuse ------------------------------------------------------------------------------
+
+
+def test_misuse_raises_instead_of_returning_a_result() -> None:
+    endpoint = resolve_endpoint(host="localhost", port=2587, mode="starttls")
+    context = make_tls_context()
+    with pytest.raises(ConfigurationError, match="POOL_SIZE"):
+        SmtpPool(endpoint, tls_context=context, username=None, password=None, size=0)
+    with pytest.raises(ConfigurationError, match="together"):
+        SmtpPool(endpoint, tls_context=context, username=USERNAME, password=None)
+    pool = SmtpPool(endpoint, tls_context=context, username=USERNAME, password=PASSWORD)
+    assert PASSWORD not in repr(pool)
+    with pytest.raises(TypeError, match="sequence"):
+        run(pool.send(SENDER, RCPT, BODY))

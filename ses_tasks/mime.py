@@ -33,9 +33,13 @@ __all__ = [
     "Layout",
     "address_header",
     "check_header_text",
+    "check_unicode",
     "date_line",
+    "encode_attachment_part",
     "encode_body",
     "format_address",
+    "list_header",
+    "new_boundary",
     "unstructured_header",
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -73,8 +74,12 @@ def _print_json(data: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ses-tasks")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+def main(verbose: int) -> None:
     """Bulk and transactional email through Amazon SES SMTP, with Celery."""
+    # Commands report failures as one line; library warnings only with -v.
+    level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="ses-tasks: %(levelname)s %(name)s: %(message)s")
 
 
 # send ------------------------------------------------------------------------------------
@@ -349,6 +354,7 @@ def worker(
         os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
     from .app import app, bulk_queue, transactional_queue
 
+    logging.getLogger().setLevel(loglevel.upper())
     serve = settings.endpoint.mode
     names = {
         "all": [transactional_queue(serve), bulk_queue(serve)],

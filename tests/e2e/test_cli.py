@@ -148,3 +148,53 @@ def test_demo_runs_without_a_redis_server_on_the_path(tmp_path: Path):
     assert report["counts"] == {"sent": 300}
     assert report["accepted_by_endpoint"] == 300
     assert report["connections_used"] <= 8
+
+
+def test_check_reports_tls_and_extensions_without_sending(make_pipeline):
+    pipeline = make_pipeline("starttls")
+    result = run(["check", "--json"], env=pipeline.env)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["mode"] == "starttls"
+    assert info["tls_version"] in ("TLSv1.2", "TLSv1.3")
+    assert info["authenticated"] is True
+    assert "AUTH" in {k.upper() for k in info["extensions"]}
+    assert pipeline.sandbox.accepted() == []
+
+
+def test_send_direct_prints_the_ses_message_id(make_pipeline, tmp_path: Path):
+    pipeline = make_pipeline("tls")
+    (tmp_path / "t.txt").write_text("hello")
+    result = run(
+        ["send", "--direct", "--from", "a@example.com", "--to", "b@example.com",
+         "--subject", "Hi", "--text", str(tmp_path / "t.txt")],
+        env=pipeline.env,
+    )
+    assert result.returncode == 0, result.stderr
+    accepted = pipeline.accepted(at_least=1)
+    assert result.stdout.strip() == accepted[0]["ses_message_id"]
+
+
+def test_send_direct_with_wrong_password_is_one_clear_line(make_pipeline, tmp_path: Path):
+    pipeline = make_pipeline("tls", SES_TASKS_PASSWORD="wrong")
+    (tmp_path / "t.txt").write_text("hello")
+    result = run(
+        ["send", "--direct", "--from", "a@example.com", "--to", "b@example.com",
+         "--subject", "Hi", "--text", str(tmp_path / "t.txt")],
+        env=pipeline.env,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("ses-tasks: error: 535 Authentication Credentials Invalid")
+    assert "wrong" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_send_rejects_header_injection_before_enqueueing(key_prefix, tmp_path: Path):
+    (tmp_path / "t.txt").write_text("hello")
+    result = run(
+        ["send", "--from", "a@example.com", "--to", "b@example.com",
+         "--subject", "Hi\r\nBcc: victim@example.com", "--text", str(tmp_path / "t.txt")],
+        env={"SES_TASKS_KEY_PREFIX": key_prefix},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("ses-tasks: error: subject:")
+    assert "Traceback" not in result.stderr

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ValidationError
-from .observe import observers
 from .keys import TRANSACTIONAL
 from .message import CampaignTemplate, MessageSpec, RenderedMessage, render_message
+from .observe import observers
 from .ratelimit import Priority
 from .smtp.replies import SendResult
 from .states import CampaignState, MessageState, Outcome
 from .tracking import Outcome as Record
+from .tracking import parse_message
 
 if TYPE_CHECKING:
     from .workers.runtime import WorkerRuntime
@@ -473,11 +474,13 @@ def _single_outcome(
 
 async def _stored(rt: WorkerRuntime, message_id: str) -> dict[str, Any]:
     raw = await rt.redis.hgetall(rt.store.keys.message(message_id))
-    data = {k.decode(): v.decode() for k, v in raw.items()}
+    record = parse_message(message_id, raw)
+    if record is None:
+        return _record(message_id, MessageState.QUEUED)
     return {
         "message_id": message_id,
-        "state": data.get("state", "queued"),
-        "ses_message_id": data.get("ses_message_id") or None,
-        "code": int(data.get("code") or 0),
-        "reason": data.get("reason", ""),
+        "state": record.state.value,
+        "ses_message_id": record.ses_message_id,
+        "code": record.code,
+        "reason": record.reason,
     }

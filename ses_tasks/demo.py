@@ -118,7 +118,7 @@ def run_demo(
         }
         if not quiet:
             table = Table(title="ses-tasks demo", show_header=False)
-            for key, value in report.items():
-                table.add_row(key, str(value))
+            for name, shown in report.items():
+                table.add_row(name, str(shown))
             Console().print(table)
         return report

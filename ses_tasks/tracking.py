@@ -316,7 +316,7 @@ class StatusStore(_Base):
         if not self.redis.hsetnx(key, "id", campaign_id):
             raise CampaignError(f"campaign {campaign_id!r} already exists")
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping=fields)
+        pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
         pipe.expire(key, self.retention_s)
         if template is not None:
             pipe.set(self.keys.template(campaign_id), json.dumps(template), ex=self.retention_s)
@@ -536,7 +536,7 @@ class AsyncStatusStore(_Base):
         return [None if v is None else _text(v) for v in raw]
 
     async def set_campaign_fields(self, campaign_id: str, **fields: str) -> None:
-        await self.redis.hset(self.keys.campaign(campaign_id), mapping=fields)
+        await self.redis.hset(self.keys.campaign(campaign_id), mapping=fields)  # type: ignore[arg-type]
 
     async def pause(self, campaign_id: str, reason: str, *, kind: str) -> None:
         """Pause by the system (endpoint failure): only a running campaign is paused."""

@@ -12,10 +12,18 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
-from . import delivery
+from . import delivery, logs, metrics
 from .app import BATCH_TASK, MESSAGE_TASK, app
+from .keys import TRANSACTIONAL
 from .quota import QuotaUnavailableError
 from .ratelimit import LimiterUnavailableError
 from .workers.runtime import get_runtime, shutdown_runtime
@@ -35,13 +43,23 @@ REDIS_DOWN = (
 )
 
 
+# Main process: metrics exporter (before the pool forks) and log filters/JSON on its handlers.
+worker_init.connect(metrics.start_exporter, weak=False)
+worker_shutdown.connect(metrics.stop_exporter, weak=False)
+after_setup_logger.connect(logs.celery_after_setup_logger, weak=False)
+after_setup_task_logger.connect(logs.celery_after_setup_logger, weak=False)
+
+
 @worker_process_init.connect
 def _warm_up(**_: Any) -> None:
-    get_runtime()
+    runtime = get_runtime()
+    if metrics.enabled():
+        metrics.setup_worker_process(runtime)
 
 
 @worker_process_shutdown.connect
 def _close(**_: Any) -> None:
+    metrics.shutdown_worker_process()
     shutdown_runtime()
 
 
@@ -50,7 +68,8 @@ def send_batch(self: Task, campaign_id: str, items: list[list[Any]]) -> dict[str
     """Send one slice of a campaign: ``items`` are ``[seq, email, variables, failures]``."""
     runtime = get_runtime()
     try:
-        report = runtime.run(delivery.process_batch(runtime, campaign_id, items))
+        with logs.log_context(campaign_id=campaign_id):
+            report = runtime.run(delivery.process_batch(runtime, campaign_id, items))
     except REDIS_DOWN as exc:
         log.warning("status store unreachable (%s); batch of %s retried", exc, campaign_id)
         raise self.retry(countdown=STORE_DOWN_RETRY_S) from None
@@ -72,7 +91,8 @@ def send_message(
     """Send one transactional message; the result is its delivery record."""
     runtime = get_runtime()
     try:
-        decision = runtime.run(delivery.process_message(runtime, message_id, spec, failures))
+        with logs.log_context(campaign_id=TRANSACTIONAL, message_id=message_id):
+            decision = runtime.run(delivery.process_message(runtime, message_id, spec, failures))
     except REDIS_DOWN as exc:
         log.warning("status store unreachable (%s); message %s retried", exc, message_id)
         raise self.retry(countdown=STORE_DOWN_RETRY_S) from None

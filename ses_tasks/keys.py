@@ -59,3 +59,17 @@ class Keys:
 
     def suppression(self) -> str:
         return f"{self.prefix}:suppressed"
+
+    # Delivery feedback (ses_tasks.feedback) -------------------------------------------------
+
+    def feedback_seen(self, sns_message_id: str) -> str:
+        """An SNS MessageId already handled: replays and SNS retries are ignored."""
+        return f"{self.prefix}:fb:seen:{sns_message_id}"
+
+    def feedback_uncorrelated(self) -> str:
+        """Count of SES notifications whose message id we never recorded."""
+        return f"{self.prefix}:fb:uncorrelated"
+
+    def transient_bounces(self, email: str) -> str:
+        """Sorted set of one address's transient bounces (member: SES id, score: time)."""
+        return f"{self.prefix}:fb:transient:{email}"

@@ -1,0 +1,127 @@
+"""A dependency-free ASGI app for SNS HTTP(S) subscriptions.
+
+Mount it under any ASGI server (uvicorn, hypercorn, daphne) or run it with
+``ses-tasks feedback serve``. ``POST`` anywhere delivers an SNS message; ``GET /health``
+answers ``ok``. The synchronous handler runs in a worker thread, so the event loop is never
+blocked by Redis or a certificate fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .handler import FeedbackHandler, HttpResponse
+
+__all__ = ["ASGIApp", "FeedbackApp", "create_app"]
+
+log = logging.getLogger("ses_tasks.feedback")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+class FeedbackApp:
+    """``handler`` may be given, or built from settings on first use (``factory``)."""
+
+    def __init__(
+        self,
+        handler: FeedbackHandler | None = None,
+        *,
+        factory: Callable[[], FeedbackHandler] | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        if handler is None and factory is None:
+            factory = FeedbackHandler.from_settings
+        self._handler = handler
+        self._factory = factory
+        self.max_body_bytes = max_body_bytes
+
+    @property
+    def handler(self) -> FeedbackHandler:
+        if self._handler is None:
+            assert self._factory is not None
+            self._handler = self._factory()
+        return self._handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method = scope.get("method", "GET")
+        if method == "GET" and scope.get("path") == "/health":
+            await _respond(send, HttpResponse(200, "ok"))
+            return
+        if method != "POST":
+            await _respond(send, HttpResponse(405, "POST an SNS message"), allow="POST")
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            log.warning("feedback refused: request body over %d bytes", self.max_body_bytes)
+            await _respond(send, HttpResponse(413, "body too large"))
+            return
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+        try:
+            response = await asyncio.to_thread(self.handler.handle_http, body, headers)
+        except Exception:
+            log.exception("feedback handler failed; SNS will retry")
+            response = HttpResponse(500, "internal error")
+        await _respond(send, response)
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await asyncio.to_thread(lambda: self.handler)
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _respond(send: Send, response: HttpResponse, **extra_headers: str) -> None:
+    body = response.json_bytes()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.encode(), v.encode()) for k, v in extra_headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(
+    handler: FeedbackHandler | None = None, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> FeedbackApp:
+    """The ASGI app; without ``handler`` it is built from the environment on first use."""
+    return FeedbackApp(handler, max_body_bytes=max_body_bytes)

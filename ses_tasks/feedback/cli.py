@@ -1,0 +1,138 @@
+"""``ses-tasks feedback serve|ingest|status`` and ``ses-tasks suppress export``.
+
+Wired into ``ses_tasks.cli`` by ``main.add_command(feedback)`` and
+``suppress.add_command(suppress_export)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from ..config import load_settings
+from ..errors import SesTasksError
+
+__all__ = ["feedback", "suppress_export"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """One line on stderr instead of a traceback, like ``ses_tasks.cli`` (not imported from
+    there: ``ses_tasks.cli`` imports this module)."""
+    import redis
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SesTasksError as exc:
+            click.echo(f"ses-tasks: error: {exc}", err=True)
+            sys.exit(2)
+        except redis.ConnectionError as exc:
+            click.echo(
+                f"ses-tasks: error: cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL",
+                err=True,
+            )
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _handler() -> Any:
+    from .handler import FeedbackHandler
+
+    return FeedbackHandler.from_settings()
+
+
+@click.group()
+def feedback() -> None:
+    """Delivery feedback: SES bounce, complaint and delivery notifications via SNS."""
+
+
+@feedback.command("serve")
+@click.option("--host", default=None, help="Address to listen on [SES_TASKS_FEEDBACK_HOST].")
+@click.option("--port", type=int, default=None, help="Port [SES_TASKS_FEEDBACK_PORT].")
+@user_errors
+def serve_command(host: str | None, port: int | None) -> None:
+    """Receive SNS HTTP POSTs (subscribe http(s)://<this host>/ to the SES topics)."""
+    from .asgi import FeedbackApp
+    from .server import serve
+    from .settings import load_feedback_settings
+
+    fb = load_feedback_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    handler = _handler()
+    app = FeedbackApp(handler, max_body_bytes=fb.max_body_bytes)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve(
+                app,
+                host=host or fb.host,
+                port=fb.port if port is None else port,
+                max_body_bytes=fb.max_body_bytes,
+            )
+        )
+
+
+@feedback.command("ingest")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=False))
+@click.option("--verify", is_flag=True, help="Check the SNS signature of saved envelopes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@user_errors
+def ingest_command(file: str, verify: bool, as_json: bool) -> None:
+    """Apply notifications saved as JSON lines (SNS envelopes or raw SES notifications)."""
+    report = _handler().ingest(file, verify=verify)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo(
+            f"{report.applied} applied, {report.duplicates} duplicates, "
+            f"{report.uncorrelated} uncorrelated, {report.invalid} invalid, "
+            f"{report.ignored} ignored, {report.suppressed} addresses suppressed"
+        )
+        for error in report.errors:
+            click.echo(error, err=True)
+
+
+@feedback.command("status")
+@click.argument("campaign_id")
+@user_errors
+def status_command(campaign_id: str) -> None:
+    """Feedback counters and bounce/complaint rates of a campaign, as JSON."""
+    click.echo(json.dumps(_handler().applier.feedback_status(campaign_id).to_dict()))
+
+
+@click.command("export")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write to this file instead of stdout.",
+)
+@user_errors
+def suppress_export(output: str | None) -> None:
+    """Export the suppression list as CSV: email,reason,source,added_at."""
+    import redis
+
+    from ..suppression import SuppressionList
+
+    settings = load_settings()
+    suppression = SuppressionList(
+        redis.Redis.from_url(settings.redis_url), key_prefix=settings.key_prefix
+    )
+    if output is None:
+        suppression.export_csv(sys.stdout)
+        return
+    with open(output, "w", newline="", encoding="utf-8") as handle:
+        count = suppression.export_csv(handle)
+    click.echo(f"{count} exported to {output}", err=True)

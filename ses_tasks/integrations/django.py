@@ -1,0 +1,192 @@
+"""Django ``EMAIL_BACKEND`` that enqueues mail for the ses-tasks workers.
+
+    EMAIL_BACKEND = "ses_tasks.integrations.django.EmailBackend"
+    SES_TASKS = {"region": "eu-west-1", "redis_url": "redis://cache:6379/0"}  # optional
+
+``SES_TASKS`` keys are our setting names in lower case (``SES_TASKS_REDIS_URL`` ->
+``redis_url``); anything not given there comes from the ``SES_TASKS_*`` environment.
+``send_messages`` returns how many messages were enqueued, not delivered: delivery happens
+in the workers, and each message's handle is left on it as ``message.ses_tasks_result``
+(a Celery ``AsyncResult`` whose id is the message id).
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import threading
+from collections.abc import Sequence
+from email.mime.base import MIMEBase
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.mail import EmailMessage
+from django.core.mail.backends.base import BaseEmailBackend
+
+from ..client import SesTasks
+from ..config import load_settings
+from ..errors import SesTasksError, ValidationError
+from ..message import Attachment
+
+__all__ = ["EmailBackend", "message_fields"]
+
+DEFAULT_ATTACHMENT_TYPE = "application/octet-stream"
+#: Headers Django lets callers override that ses-tasks writes itself; dropped silently.
+GENERATED_HEADERS = frozenset({"message-id", "date", "mime-version"})
+#: Headers that would change recipients or sender only in the header, not the envelope.
+ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc"})
+
+_clients: dict[str, SesTasks] = {}
+_clients_lock = threading.Lock()
+
+
+def _client_for(options: dict[str, Any]) -> SesTasks:
+    """One client per distinct ``SES_TASKS`` dict: Django builds a backend per send_mail()."""
+    key = json.dumps(options, sort_keys=True, default=str)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = SesTasks(load_settings(**options))
+            _clients[key] = client
+        return client
+
+
+def _header_addresses(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _attachment(item: Any, index: int) -> Attachment:
+    field = f"attachments[{index}]"
+    if isinstance(item, MIMEBase):
+        filename = item.get_filename()
+        if not filename:
+            raise ValidationError(field, "a MIME part needs a filename (inline parts unsupported)")
+        payload = item.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            raise ValidationError(field, f"{item.get_content_type()} parts cannot be attached")
+        return Attachment.from_bytes(filename, payload, content_type=item.get_content_type())
+    try:
+        filename, content, mimetype = item
+    except (TypeError, ValueError):
+        raise ValidationError(field, "expected (filename, content, mimetype)") from None
+    if not filename:
+        raise ValidationError(field, "needs a filename")
+    if isinstance(content, EmailMessage):
+        raise ValidationError(field, "attached emails (message/rfc822) are not supported")
+    data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+    if not mimetype:
+        mimetype = mimetypes.guess_type(filename)[0] or DEFAULT_ATTACHMENT_TYPE
+    content_type = str(mimetype).split(";", 1)[0].strip()
+    return Attachment.from_bytes(str(filename), data, content_type=content_type)
+
+
+def message_fields(message: EmailMessage) -> dict[str, Any]:
+    """A Django ``EmailMessage``/``EmailMultiAlternatives`` as ``SesTasks.send_email`` fields.
+
+    Raises ``ValidationError`` for what SES mail from ses-tasks cannot carry: alternatives
+    other than one text/html part, inline MIME parts without a filename, attached emails.
+    """
+    fields: dict[str, Any] = {
+        "from": message.from_email or django_settings.DEFAULT_FROM_EMAIL,
+        "to": list(message.to),
+        "cc": list(message.cc),
+        "bcc": list(message.bcc),
+        "reply_to": list(message.reply_to),
+        "subject": str(message.subject),
+    }
+    body = str(message.body) if message.body else None
+    if message.content_subtype == "html":
+        fields["html"] = body
+    else:
+        fields["text"] = body
+    for index, alternative in enumerate(getattr(message, "alternatives", None) or []):
+        content, mimetype = alternative[0], alternative[1]
+        if mimetype != "text/html" or fields.get("html") is not None:
+            raise ValidationError(
+                f"alternatives[{index}]",
+                f"only one text/html alternative is supported, not {mimetype}",
+            )
+        fields["html"] = str(content)
+    if fields.get("text") is None and fields.get("html") is None:
+        fields["text"] = ""
+
+    headers: dict[str, str] = {}
+    tags: dict[str, str] = {}
+    for name, value in (message.extra_headers or {}).items():
+        lower = name.lower()
+        if lower in GENERATED_HEADERS:
+            continue
+        if lower == "reply-to":
+            if not fields["reply_to"]:
+                fields["reply_to"] = _header_addresses(str(value))
+            continue
+        if lower in ADDRESS_HEADERS:
+            raise ValidationError(
+                f"headers.{name}", "set from_email/to/cc/bcc instead (the envelope must match)"
+            )
+        if lower == "x-ses-configuration-set":
+            fields["configuration_set"] = str(value)
+        elif lower == "x-ses-message-tags":
+            for pair in str(value).split(","):
+                tag, _, tag_value = pair.strip().partition("=")
+                tags[tag.strip()] = tag_value.strip()
+        else:
+            headers[name] = str(value)
+    if headers:
+        fields["headers"] = headers
+    if tags:
+        fields["tags"] = tags
+    if message.attachments:
+        fields["attachments"] = [_attachment(a, i) for i, a in enumerate(message.attachments)]
+    return fields
+
+
+class EmailBackend(BaseEmailBackend):
+    """Enqueues each message on the transactional queue; the workers send it through SES."""
+
+    def __init__(
+        self, fail_silently: bool = False, *, client: SesTasks | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(fail_silently=fail_silently)
+        self._client = client
+        self._options = {k.lower(): v for k, v in (kwargs.pop("ses_tasks", None) or {}).items()}
+
+    @property
+    def client(self) -> SesTasks:
+        if self._client is None:
+            options = {
+                str(k).lower(): v
+                for k, v in (getattr(django_settings, "SES_TASKS", None) or {}).items()
+            }
+            self._client = _client_for({**options, **self._options})
+        return self._client
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        if not email_messages:
+            return 0
+        try:
+            client = self.client
+        except SesTasksError:
+            if self.fail_silently:
+                return 0
+            raise
+        sent = 0
+        for message in email_messages:
+            if not message.recipients():
+                continue
+            try:
+                result = client.send_email(**message_fields(message))
+            except SesTasksError:
+                if self.fail_silently:
+                    continue
+                raise
+            except Exception as exc:  # the broker or Redis is unreachable
+                if self.fail_silently:
+                    continue
+                raise SesTasksError(
+                    f"cannot enqueue the message ({type(exc).__name__}); "
+                    "check SES_TASKS_BROKER_URL and SES_TASKS_REDIS_URL"
+                ) from exc
+            message.ses_tasks_result = result  # type: ignore[attr-defined]
+            sent += 1
+        return sent

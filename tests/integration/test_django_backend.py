@@ -1,0 +1,161 @@
+"""Django EMAIL_BACKEND through a real worker to the sandbox."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.mime.text import MIMEText
+
+import pytest
+
+django = pytest.importorskip("django")
+from django.conf import settings  # noqa: E402
+
+if not settings.configured:
+    settings.configure(
+        EMAIL_BACKEND="ses_tasks.integrations.django.EmailBackend",
+        DEFAULT_FROM_EMAIL="Site <site@example.com>",
+        INSTALLED_APPS=[],
+        USE_TZ=True,
+    )
+    django.setup()
+
+from django.core import mail  # noqa: E402
+from django.test.utils import override_settings  # noqa: E402
+
+from ses_tasks.errors import ValidationError  # noqa: E402
+from ses_tasks.integrations.django import EmailBackend, message_fields  # noqa: E402
+
+
+def ses_tasks_setting(env: dict[str, str]) -> dict[str, str]:
+    """The pipeline's environment as a Django ``SES_TASKS`` dict (lower-case keys)."""
+    return {k.removeprefix("SES_TASKS_").lower(): v for k, v in env.items()}
+
+
+def parse(accepted: dict) -> email.message.EmailMessage:
+    return email.message_from_string(accepted["data"], policy=email.policy.default)
+
+
+def test_multi_alternatives_with_attachments_arrive_intact(make_pipeline):
+    pipeline = make_pipeline("starttls")
+    pipeline.start_worker(concurrency=1, queues="transactional")
+    message = mail.EmailMultiAlternatives(
+        subject="Your invoice №42",
+        body="Plain text invoice",
+        from_email="Billing <billing@example.com>",
+        to=["customer@example.com"],
+        cc=["accounts@example.com"],
+        bcc=["archive@example.com"],
+        reply_to=["support@example.com"],
+        headers={"X-Invoice": "42", "Message-ID": "<ignored@example.com>"},
+    )
+    message.attach_alternative("<p>HTML <b>invoice</b></p>", "text/html")
+    message.attach("invoice.csv", "item,price\nwidget,3\n", "text/csv")
+    message.attach("logo.bin", b"\x00\x01\x02binary", None)
+    note = MIMEText("a MIME part", "plain")
+    note.add_header("Content-Disposition", "attachment", filename="note.txt")
+    message.attach(note)
+
+    with override_settings(SES_TASKS=ses_tasks_setting(pipeline.env)):
+        connection = mail.get_connection()
+        assert isinstance(connection, EmailBackend)
+        assert connection.send_messages([message]) == 1
+    record = message.ses_tasks_result.get(timeout=60)
+    assert record["state"] == "sent"
+
+    (accepted,) = pipeline.accepted(at_least=1)
+    assert sorted(accepted["rcpt_tos"]) == [
+        "accounts@example.com",
+        "archive@example.com",
+        "customer@example.com",
+    ]
+    parsed = parse(accepted)
+    assert parsed["Subject"] == "Your invoice №42"
+    assert parsed["Cc"] == "accounts@example.com"
+    assert parsed["Bcc"] is None
+    assert parsed["Reply-To"] == "support@example.com"
+    assert parsed["X-Invoice"] == "42"
+    assert parsed.get_body(("plain",)).get_content().strip() == "Plain text invoice"
+    assert parsed.get_body(("html",)).get_content().strip() == "<p>HTML <b>invoice</b></p>"
+    attachments = {p.get_filename(): p for p in parsed.iter_attachments()}
+    assert set(attachments) == {"invoice.csv", "logo.bin", "note.txt"}
+    assert attachments["invoice.csv"].get_content_type() == "text/csv"
+    assert attachments["invoice.csv"].get_payload(decode=True) == b"item,price\nwidget,3\n"
+    assert attachments["logo.bin"].get_content_type() == "application/octet-stream"
+    assert attachments["logo.bin"].get_payload(decode=True) == b"\x00\x01\x02binary"
+    assert attachments["note.txt"].get_payload(decode=True) == b"a MIME part"
+
+
+def test_send_mail_shortcut_and_html_message(make_pipeline):
+    pipeline = make_pipeline("tls")
+    pipeline.start_worker(concurrency=1, queues="transactional")
+    with override_settings(SES_TASKS=ses_tasks_setting(pipeline.env)):
+        count = mail.send_mail(
+            "Welcome",
+            "Hello there",
+            None,  # DEFAULT_FROM_EMAIL
+            ["new@example.com"],
+            html_message="<h1>Hello there</h1>",
+        )
+        # Settings from SES_TASKS override the environment; one client per distinct dict.
+        client = EmailBackend().client
+        assert client is EmailBackend().client
+        assert client.settings.key_prefix == pipeline.env["SES_TASKS_KEY_PREFIX"]
+    assert count == 1
+    (accepted,) = pipeline.accepted(at_least=1)
+    parsed = parse(accepted)
+    assert accepted["rcpt_tos"] == ["new@example.com"]
+    assert parsed["From"] == "Site <site@example.com>"
+    assert parsed["Subject"] == "Welcome"
+    assert parsed.get_body(("html",)).get_content().strip() == "<h1>Hello there</h1>"
+
+
+def test_invalid_message_raises_unless_fail_silently(make_pipeline):
+    pipeline = make_pipeline("tls")
+    bad = mail.EmailMessage("Hi", "body", "site@example.com", ["not an address"])
+    good = mail.EmailMessage("Hi", "body", "site@example.com", ["ok@example.com"])
+    with override_settings(SES_TASKS=ses_tasks_setting(pipeline.env)):
+        with pytest.raises(ValidationError) as info:
+            EmailBackend().send_messages([bad])
+        assert info.value.field == "to[0]"
+        assert EmailBackend(fail_silently=True).send_messages([bad, good]) == 1
+        assert mail.send_mail("Hi", "b", None, ["nope"], fail_silently=True) == 0
+    assert pipeline.client.message_status(good.ses_tasks_result.message_id) is not None
+
+
+def test_html_body_and_header_mapping():
+    message = mail.EmailMessage(
+        "Subject",
+        "<p>html body</p>",
+        "a@example.com",
+        ["b@example.com"],
+        headers={
+            "Reply-To": "r1@example.com, r2@example.com",
+            "X-SES-CONFIGURATION-SET": "transactional",
+            "X-SES-MESSAGE-TAGS": "kind=receipt, app=shop",
+            "Date": "ignored",
+        },
+    )
+    message.content_subtype = "html"
+    fields = message_fields(message)
+    assert fields["html"] == "<p>html body</p>" and "text" not in fields
+    assert fields["reply_to"] == ["r1@example.com", "r2@example.com"]
+    assert fields["configuration_set"] == "transactional"
+    assert fields["tags"] == {"kind": "receipt", "app": "shop"}
+    assert "headers" not in fields
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda m: m.extra_headers.update({"To": "x@example.com"}), "headers.To"),
+        (lambda m: m.attach_alternative("x", "text/calendar"), "alternatives[0]"),
+        (lambda m: m.attach(MIMEText("inline")), "attachments[0]"),
+    ],
+)
+def test_unsupported_parts_are_refused_by_name(build, field):
+    message = mail.EmailMultiAlternatives("S", "b", "a@example.com", ["b@example.com"])
+    build(message)
+    with pytest.raises(ValidationError) as info:
+        message_fields(message)
+    assert info.value.field == field

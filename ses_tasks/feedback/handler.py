@@ -225,13 +225,14 @@ class FeedbackHandler:
             raise ParseError("line", f"not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ParseError("line", "expected a JSON object")
+        if is_sns_envelope(data):
+            if verify:
+                self.verifier.verify(data, check_age=False)
+            if data.get("Type") != NOTIFICATION:
+                return "ignored", 0
         envelope, notification = unwrap(data)
         seen_key = None
         if envelope is not None:
-            if verify:
-                self.verifier.verify(envelope, check_age=False)
-            if envelope.get("Type") != NOTIFICATION:
-                return "ignored", 0
             seen_key = self.applier.keys.feedback_seen(str(envelope["MessageId"]))
             if self.redis.exists(seen_key):
                 return "duplicate", 0

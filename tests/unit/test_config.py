@@ -1,0 +1,99 @@
+"""Settings: validated once, secrets never shown, secrets readable from files."""
+
+from __future__ import annotations
+
+import pytest
+
+from ses_tasks.config import Settings, load_settings, redact_url
+from ses_tasks.errors import ConfigurationError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("SES_TASKS_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_follow_the_contract():
+    s = load_settings()
+    assert s.region == "us-east-1" and s.port == 587
+    assert s.endpoint.host == "email-smtp.us-east-1.amazonaws.com"
+    assert s.smtp_password() is None
+
+
+def test_environment_prefix(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_REGION", "eu-central-1")
+    monkeypatch.setenv("SES_TASKS_PORT", "2465")
+    s = load_settings()
+    assert s.endpoint.mode.value == "tls"
+    assert s.endpoint.host == "email-smtp.eu-central-1.amazonaws.com"
+
+
+def test_password_is_derived_from_the_secret_for_the_region(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_SECRET_ACCESS_KEY", "some+secret+key")
+    monkeypatch.setenv("SES_TASKS_REGION", "eu-central-1")
+    assert load_settings().smtp_password() == "BMXhUYlu5Z3gSXVQORxlVa7XPaz91aGWdfHxvkOZdWZ2"
+
+
+def test_secrets_and_url_passwords_never_in_repr():
+    s = load_settings(
+        password="hunter2-password",
+        redis_url="redis://app:redis-secret@127.0.0.1:6379/0",
+        broker_url="amqp://guest:amqp-secret@127.0.0.1:5672//",
+    )
+    text = repr(s) + str(s)
+    for secret in ("hunter2-password", "redis-secret", "amqp-secret"):
+        assert secret not in text
+    assert "redis://app:***@127.0.0.1:6379/0" in text
+
+
+def test_secret_files(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("from-a-file\n")
+    (tmp_path / "url").write_text("redis://:file-secret@127.0.0.1:6379/3\n")
+    monkeypatch.setenv("SES_TASKS_PASSWORD_FILE", str(tmp_path / "pw"))
+    monkeypatch.setenv("SES_TASKS_REDIS_URL_FILE", str(tmp_path / "url"))
+    s = load_settings()
+    assert s.smtp_password() == "from-a-file"
+    assert s.redis_url == "redis://:file-secret@127.0.0.1:6379/3"
+
+
+def test_unreadable_secret_file_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("SES_TASKS_PASSWORD_FILE", str(tmp_path / "nope"))
+    with pytest.raises(ConfigurationError, match="password_file: cannot read"):
+        load_settings()
+
+
+def test_password_and_secret_together_are_refused():
+    with pytest.raises(ConfigurationError, match="not both"):
+        load_settings(password="a", secret_access_key="b")
+
+
+def test_invalid_values_name_the_setting():
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(max_send_rate=0)
+    assert err.value.setting == "MAX_SEND_RATE"
+    with pytest.raises(ConfigurationError) as err:
+        load_settings(configuration_set="bad name!")
+    assert err.value.setting == "CONFIGURATION_SET"
+
+
+def test_visibility_timeout_must_outlast_retries():
+    with pytest.raises(ConfigurationError, match="must exceed RETRY_MAX_S"):
+        load_settings(visibility_timeout_s=60, retry_max_s=600)
+
+
+def test_settings_file(tmp_path, monkeypatch):
+    env_file = tmp_path / "ses.env"
+    env_file.write_text("SES_TASKS_REGION=ap-south-1\nSES_TASKS_POOL_SIZE=3\n")
+    monkeypatch.setenv("SES_TASKS_CONFIG", str(env_file))
+    s = load_settings()
+    assert (s.region, s.pool_size) == ("ap-south-1", 3)
+
+
+def test_redact_url_keeps_urls_without_password():
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert redact_url("rediss://u:p@h:6380/1") == "rediss://u:***@h:6380/1"
+    assert isinstance(Settings.model_fields, dict)

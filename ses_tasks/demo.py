@@ -46,7 +46,7 @@ def run_demo(
     say = (lambda *_: None) if quiet else console.print
     with temporary_workdir("ses-tasks-demo-") as workdir:
         redis_server = EmbeddedRedis(workdir).start()
-        sandbox = SandboxProcess(workdir).start()
+        sandbox = SandboxProcess(workdir, log_path=workdir / "sandbox.log").start()
         say(f"[green]✓[/] Redis ({redis_server.kind}) on {redis_server.url}")
         say(
             f"[green]✓[/] SES sandbox: STARTTLS on {sandbox.starttls_port}, "

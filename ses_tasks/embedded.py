@@ -130,6 +130,8 @@ class SandboxProcess:
     ca_file: str = ""
     store_path: Path | None = None
     events_path: Path | None = None
+    #: Where the sandbox's own log lines go (None: inherit stderr).
+    log_path: Path | None = None
     _process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, timeout_s: float = 30) -> SandboxProcess:
@@ -159,7 +161,14 @@ class SandboxProcess:
             str(ready),
             *self.args,
         ]
-        self._process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        log = self.log_path.open("ab") if self.log_path is not None else None
+        try:
+            self._process = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=log
+            )
+        finally:
+            if log is not None:
+                log.close()
 
         def is_ready() -> dict[str, Any] | None:
             if self._process is not None and self._process.poll() is not None:

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import IO, TYPE_CHECKING, Any
 
+from .keys import TRANSACTIONAL
+
 if TYPE_CHECKING:
     from .config import Settings
 
@@ -78,8 +80,37 @@ def log_context(*, campaign_id: str | None = None, message_id: str | None = None
 
 
 def current_ids() -> tuple[str | None, str | None]:
-    """``(campaign_id, message_id)`` of the current context."""
-    return _campaign_id.get(), _message_id.get()
+    """``(campaign_id, message_id)`` of the current context, else of the running Celery task.
+
+    The task fallback covers Celery's own lines about a task ("received", "succeeded in"),
+    which it logs outside the task body but while the task's request is current.
+    """
+    campaign_id, message_id = _campaign_id.get(), _message_id.get()
+    if campaign_id is None and message_id is None and "celery" in sys.modules:
+        return _celery_task_ids()
+    return campaign_id, message_id
+
+
+#: Task names as in ``ses_tasks.app`` (not imported: it builds a Celery app at import).
+_BATCH_TASK = "ses_tasks.send_batch"
+_MESSAGE_TASK = "ses_tasks.send_message"
+
+
+def _celery_task_ids() -> tuple[str | None, str | None]:
+    try:
+        from celery._state import get_current_task
+
+        task = get_current_task()
+        if task is None:
+            return None, None
+        args = task.request.args or ()
+        if task.name == _BATCH_TASK and args:
+            return str(args[0]), None
+        if task.name == _MESSAGE_TASK and args:
+            return TRANSACTIONAL, str(args[0])
+    except Exception:  # logging must never fail because of this lookup
+        pass
+    return None, None
 
 
 class ContextFilter(logging.Filter):

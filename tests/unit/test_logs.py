@@ -170,3 +170,38 @@ def test_short_secrets_are_not_masked_by_value():
     """A one-character 'secret' would otherwise mangle every line."""
     assert redact_text("a b c", ["a"]) == "a b c"
     assert redact_text("token abcd", ["abcd"]) == f"token {MASK}"
+
+
+def test_ids_of_the_running_celery_task_when_no_context(logger):
+    """Celery logs "Task ... succeeded" outside the task body, with the request current."""
+    from celery import Celery
+
+    app = Celery("logs-test", set_as_current=False)
+
+    @app.task(name="ses_tasks.send_batch", bind=True)
+    def send_batch(self, campaign_id, items):
+        return None
+
+    @app.task(name="ses_tasks.send_message", bind=True)
+    def send_message(self, message_id, spec, failures=0):
+        return None
+
+    log, stream = logger
+    configure_logging(logger=log, stream=stream, json_format=True)
+    from celery._state import _task_stack
+
+    for task, args in ((send_batch, ("camp-1", [])), (send_message, ("transactional.ab", {}))):
+        task.push_request(args=args)
+        _task_stack.push(task)
+        try:
+            log.info("inside %s", task.name)
+        finally:
+            _task_stack.pop()
+            task.pop_request()
+    log.info("after")
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [(x["campaign_id"], x["message_id"]) for x in lines] == [
+        ("camp-1", None),
+        ("transactional", "transactional.ab"),
+        (None, None),
+    ]

@@ -22,8 +22,7 @@ from .errors import CampaignError, SesTasksError
 from .message import CampaignTemplate
 from .recipients import Recipient, RowError, iter_recipients
 from .states import CampaignState, MessageState
-from .tracking import CampaignStatus, MessageRecord, StatusStore
-from .tracking import Outcome as Record
+from .tracking import CampaignStatus, MessageRecord, StatusStore, Transition
 
 __all__ = ["CampaignControl", "CampaignProducer", "new_campaign_id"]
 
@@ -77,11 +76,11 @@ class CampaignProducer:
         queue = bulk_queue(self.settings.endpoint.mode)
         seq = start_seq
         batch: list[list[Any]] = []
-        bad: list[Record] = []
+        bad: list[Transition] = []
         for row in rows:
             if isinstance(row, RowError):
                 bad.append(
-                    Record(
+                    Transition(
                         f"{campaign_id}.{seq}",
                         MessageState.FAILED,
                         0,
@@ -112,7 +111,7 @@ class CampaignProducer:
         if requeue:
             self.store.finish(
                 campaign_id,
-                [Record(f"{campaign_id}.{item[0]}", MessageState.QUEUED) for item in batch],
+                [Transition(f"{campaign_id}.{item[0]}", MessageState.QUEUED) for item in batch],
                 requeue=True,
             )
         else:
@@ -124,14 +123,14 @@ class CampaignProducer:
             self.store.finish(
                 campaign_id,
                 [
-                    Record(f"{campaign_id}.{i[0]}", MessageState.FAILED, 0, reason, row=i)
+                    Transition(f"{campaign_id}.{i[0]}", MessageState.FAILED, 0, reason, row=i)
                     for i in batch
                 ],
             )
             raise SesTasksError(f"campaign {campaign_id}: broker refused a batch: {exc}") from exc
 
     def _record_bad(
-        self, campaign_id: str, bad: list[Record], progress: ProgressCallback | None
+        self, campaign_id: str, bad: list[Transition], progress: ProgressCallback | None
     ) -> None:
         self.store.add_queued(campaign_id, len(bad))
         self.store.finish(campaign_id, bad)

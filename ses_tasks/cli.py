@@ -416,6 +416,12 @@ def suppress_list(as_json: bool) -> None:
             click.echo(f"{entry.email}\t{entry.reason}")
 
 
+from .feedback.cli import feedback, suppress_export  # noqa: E402 - groups defined above
+
+main.add_command(feedback)
+suppress.add_command(suppress_export)
+
+
 # tools -----------------------------------------------------------------------------------
 
 

@@ -23,8 +23,7 @@ from .observe import observers
 from .ratelimit import Priority
 from .smtp.replies import SendResult
 from .states import CampaignState, MessageState, Outcome
-from .tracking import Outcome as Record
-from .tracking import parse_message
+from .tracking import Transition, parse_message
 
 if TYPE_CHECKING:
     from .workers.runtime import WorkerRuntime
@@ -110,7 +109,7 @@ class _Batch:
         self.rt = rt
         self.campaign_id = campaign_id
         self.report = BatchReport()
-        self.pending: list[Record] = []
+        self.pending: list[Transition] = []
         self.transient: dict[int, list[Item]] = defaultdict(list)
         self.throttled: list[Item] = []
         self.fatal: list[Item] = []
@@ -141,29 +140,33 @@ class _Batch:
         if outcome is Outcome.SENT:
             self.report.sent += 1
             self.pending.append(
-                Record(mid, MessageState.SENT, result.code, "", result.ses_message_id)
+                Transition(mid, MessageState.SENT, result.code, "", result.ses_message_id)
             )
         elif outcome is Outcome.THROTTLED:
             if not self.throttled:
                 await self.rt.limiter.on_throttle()
             self.throttled.append(item)
-            self.pending.append(Record(mid, MessageState.RETRYING, result.code, result.reason))
+            self.pending.append(Transition(mid, MessageState.RETRYING, result.code, result.reason))
         elif outcome is Outcome.QUOTA_EXHAUSTED:
             retry_s = await self.rt.quota.mark_exhausted()
             self.quota_retry_s = min(max(retry_s, 1.0), s.retry_max_s)
             self.transient[-1].append(item)
-            self.pending.append(Record(mid, MessageState.DEFERRED, result.code, result.reason))
+            self.pending.append(Transition(mid, MessageState.DEFERRED, result.code, result.reason))
         elif outcome is Outcome.TRANSIENT:
             failures = int(item[3]) + 1
             if failures >= s.max_attempts:
                 reason = f"{result.reason} (gave up after {failures} attempts)"
-                self.pending.append(Record(mid, MessageState.FAILED, result.code, reason, row=item))
+                self.pending.append(
+                    Transition(mid, MessageState.FAILED, result.code, reason, row=item)
+                )
             else:
                 self.transient[failures].append([item[0], item[1], item[2], failures])
-                self.pending.append(Record(mid, MessageState.RETRYING, result.code, result.reason))
+                self.pending.append(
+                    Transition(mid, MessageState.RETRYING, result.code, result.reason)
+                )
         elif outcome is Outcome.PERMANENT:
             self.pending.append(
-                Record(mid, MessageState.FAILED, result.code, result.reason, row=item)
+                Transition(mid, MessageState.FAILED, result.code, result.reason, row=item)
             )
         elif outcome is Outcome.FATAL:
             self.fatal.append(item)
@@ -171,7 +174,7 @@ class _Batch:
         elif s.resend_unknown:
             self.transient[int(item[3]) + 1].append(item)
             self.pending.append(
-                Record(
+                Transition(
                     mid,
                     MessageState.RETRYING,
                     result.code,
@@ -180,7 +183,7 @@ class _Batch:
             )
         else:
             self.pending.append(
-                Record(mid, MessageState.UNKNOWN, result.code, result.reason, row=item)
+                Transition(mid, MessageState.UNKNOWN, result.code, result.reason, row=item)
             )
 
     def follow_ups(self) -> list[FollowUp]:
@@ -237,7 +240,7 @@ async def process_batch(rt: WorkerRuntime, campaign_id: str, items: Sequence[Ite
             rendered = template.render(item[1], item[2] or {}, message_id=claim.message_id)
         except ValidationError as exc:
             batch.pending.append(
-                Record(claim.message_id, MessageState.FAILED, 0, str(exc), row=item)
+                Transition(claim.message_id, MessageState.FAILED, 0, str(exc), row=item)
             )
             continue
         ready.append(_Ready(item, claim.message_id, rendered))
@@ -288,7 +291,10 @@ async def _send_all(rt: WorkerRuntime, batch: _Batch, ready: list[_Ready]) -> in
                 unused += len(ready.rendered.recipients)
         if unused:
             await rt.quota.release(unused)  # SES did not take them: give the quota back
-        await batch.flush()
+        # One status write per chunk of outcomes, not per completion (each is a round trip);
+        # whatever is left is flushed after the last send.
+        if len(batch.pending) >= chunk_size:
+            await batch.flush()
 
     started = 0
     while started < len(ready):
@@ -325,14 +331,16 @@ async def _hold_back(rt: WorkerRuntime, batch: _Batch, items: list[Item]) -> Non
         return
     if state == CampaignState.CANCELLED.value:
         batch.pending = [
-            Record(batch.message_id(i), MessageState.CANCELLED, 0, "campaign cancelled")
+            Transition(batch.message_id(i), MessageState.CANCELLED, 0, "campaign cancelled")
             for i in items
         ]
         await batch.flush()
         return
     retry_s = batch.quota_retry_s if batch.quota_retry_s is not None else 0.0
     reason = f"24-hour sending quota used up; retrying in {retry_s:.0f} s"
-    batch.pending = [Record(batch.message_id(i), MessageState.DEFERRED, 0, reason) for i in items]
+    batch.pending = [
+        Transition(batch.message_id(i), MessageState.DEFERRED, 0, reason) for i in items
+    ]
     await batch.flush()
     await rt.store.set_campaign_fields(batch.campaign_id, deferred_reason=reason)
     batch.report.follow_ups.append(FollowUp(items, retry_s, "24-hour quota used up"))
@@ -392,14 +400,16 @@ async def process_message(
             )
         )
     if rendered is None:
-        await store.finish(TRANSACTIONAL, [Record(message_id, MessageState.FAILED, 0, error)])
+        await store.finish(TRANSACTIONAL, [Transition(message_id, MessageState.FAILED, 0, error)])
         return MessageDecision(_record(message_id, MessageState.FAILED, reason=error))
     recipients = [r for r, sup in zip(rendered.recipients, flags, strict=True) if not sup]
 
     decision = await rt.quota.try_consume(len(recipients))
     if not decision.granted:
         reason = "24-hour sending quota used up"
-        await store.finish(TRANSACTIONAL, [Record(message_id, MessageState.DEFERRED, 0, reason)])
+        await store.finish(
+            TRANSACTIONAL, [Transition(message_id, MessageState.DEFERRED, 0, reason)]
+        )
         delay = min(max(decision.retry_after_s, 1.0), s.retry_max_s)
         return MessageDecision(
             _record(message_id, MessageState.DEFERRED, reason=reason), delay, failures
@@ -428,7 +438,7 @@ async def process_message(
     await store.finish(
         TRANSACTIONAL,
         [
-            Record(
+            Transition(
                 message_id,
                 state,
                 result.code,

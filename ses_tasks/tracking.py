@@ -31,8 +31,8 @@ __all__ = [
     "CampaignStatus",
     "Claim",
     "MessageRecord",
-    "Outcome",
     "StatusStore",
+    "Transition",
 ]
 
 #: Per-state counters of a campaign, in the order status output shows them.
@@ -54,7 +54,7 @@ def _text(value: Any) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Transition:
     """One message's new state, as recorded by ``finish``."""
 
     message_id: str
@@ -241,7 +241,7 @@ class _Base:
         return state, claims
 
     def _finish_args(
-        self, campaign_id: str, outcomes: Iterable[Outcome], requeue: bool
+        self, campaign_id: str, outcomes: Iterable[Transition], requeue: bool
     ) -> tuple[list[str], list[Any]]:
         keys = [self.keys.campaign(campaign_id), self.keys.not_sent(campaign_id)]
         argv: list[Any] = [
@@ -427,7 +427,7 @@ class StatusStore(_Base):
         pipe.delete(parked_key)
         parked, _ = pipe.execute()
         outcomes = [
-            Outcome(item["message_ids"][i], MessageState.CANCELLED, reason="campaign cancelled")
+            Transition(item["message_ids"][i], MessageState.CANCELLED, reason="campaign cancelled")
             for item in (json.loads(_text(p)) for p in parked)
             for i in range(len(item["message_ids"]))
         ]
@@ -485,7 +485,7 @@ class StatusStore(_Base):
         return self._parse_claims(items, self._claim(keys=keys, args=argv))
 
     def finish(
-        self, campaign_id: str, outcomes: Iterable[Outcome], *, requeue: bool = False
+        self, campaign_id: str, outcomes: Iterable[Transition], *, requeue: bool = False
     ) -> str:
         keys, argv = self._finish_args(campaign_id, outcomes, requeue)
         return _text(self._finish(keys=keys, args=argv)[0])
@@ -519,7 +519,7 @@ class AsyncStatusStore(_Base):
         return self._parse_claims(items, await self._claim(keys=keys, args=argv))
 
     async def finish(
-        self, campaign_id: str, outcomes: Iterable[Outcome], *, requeue: bool = False
+        self, campaign_id: str, outcomes: Iterable[Transition], *, requeue: bool = False
     ) -> str:
         keys, argv = self._finish_args(campaign_id, outcomes, requeue)
         return _text((await self._finish(keys=keys, args=argv))[0])

@@ -23,7 +23,7 @@ from ses_tasks.feedback.testing import SnsTestSigner
 from ses_tasks.sandbox import new_ses_message_id
 from ses_tasks.states import CampaignState, MessageState
 from ses_tasks.suppression import SuppressionList
-from ses_tasks.tracking import COUNTERS, Outcome, StatusStore
+from ses_tasks.tracking import COUNTERS, StatusStore, Transition
 
 from ..conftest import REDIS_URL, env_vars
 
@@ -59,7 +59,7 @@ def sent_campaign(store: StatusStore, campaign_id: str, n: int) -> dict[str, tup
     store.finish(
         campaign_id,
         [
-            Outcome(mid, MessageState.SENT, 250, "Ok", ses_message_id=ses)
+            Transition(mid, MessageState.SENT, 250, "Ok", ses_message_id=ses)
             for mid, ses in sent.values()
         ],
     )

@@ -8,8 +8,7 @@ import pytest
 from ses_tasks.embedded import wait_for
 from ses_tasks.errors import CampaignError
 from ses_tasks.states import MessageState
-from ses_tasks.tracking import COUNTERS, StatusStore
-from ses_tasks.tracking import Outcome as Record
+from ses_tasks.tracking import COUNTERS, StatusStore, Transition
 
 
 @pytest.fixture
@@ -52,7 +51,7 @@ def test_claim_then_sent_moves_counters(store):
     assert state == "running"
     assert [c.decision for c in claims] == ["go", "go", "go"]
     assert counts(store, "c1") == {"sending": 3}
-    store.finish("c1", [Record("c1.0", MessageState.SENT, 250, "", "ses-0")])
+    store.finish("c1", [Transition("c1.0", MessageState.SENT, 250, "", "ses-0")])
     assert counts(store, "c1") == {"sending": 2, "sent": 1}
     record = store.message_status("c1.0")
     assert record.ses_message_id == "ses-0" and record.attempts == 1
@@ -61,10 +60,10 @@ def test_claim_then_sent_moves_counters(store):
 def test_sent_is_never_sent_again_nor_downgraded(store):
     items = make(store, n=1)
     store.claim("c1", items, lease_s=60, token="w1")
-    store.finish("c1", [Record("c1.0", MessageState.SENT, 250, "", "ses-0")])
+    store.finish("c1", [Transition("c1.0", MessageState.SENT, 250, "", "ses-0")])
     _, claims = store.claim("c1", items, lease_s=60, token="w2")
     assert claims[0].decision == "skip:sent"
-    store.finish("c1", [Record("c1.0", MessageState.FAILED, 554, "late")], requeue=True)
+    store.finish("c1", [Transition("c1.0", MessageState.FAILED, 554, "late")], requeue=True)
     assert store.message_status("c1.0").state is MessageState.SENT
     assert counts(store, "c1") == {"sent": 1}
 
@@ -102,8 +101,8 @@ def test_suppressed_and_cancelled_and_paused_claims(store):
 def test_completion_when_last_message_is_final(store):
     items = make(store, n=2)
     store.claim("c1", items, lease_s=60, token="w")
-    assert store.finish("c1", [Record("c1.0", MessageState.SENT)]) == "running"
-    assert store.finish("c1", [Record("c1.1", MessageState.FAILED, 554, "no")]) == "completed"
+    assert store.finish("c1", [Transition("c1.0", MessageState.SENT)]) == "running"
+    assert store.finish("c1", [Transition("c1.1", MessageState.FAILED, 554, "no")]) == "completed"
     status = store.campaign_status("c1")
     assert status.done and status.finished_at is not None
 
@@ -114,11 +113,11 @@ def test_not_sent_index_lists_failures_with_rows(store):
     store.finish(
         "c1",
         [
-            Record("c1.0", MessageState.SENT),
-            Record(
+            Transition("c1.0", MessageState.SENT),
+            Transition(
                 "c1.1", MessageState.FAILED, 553, "bad address", row=[1, "u1@example.com", {}, 0]
             ),
-            Record(
+            Transition(
                 "c1.2", MessageState.UNKNOWN, 0, "connection lost", row=[2, "u2@example.com", {}, 0]
             ),
         ],
@@ -153,6 +152,6 @@ def test_single_messages_are_recorded_once(store):
 def test_ses_message_id_index_finds_our_message(store):
     items = make(store, n=1)
     store.claim("c1", items, lease_s=60, token="w")
-    store.finish("c1", [Record("c1.0", MessageState.SENT, 250, "", "0107-abc-000000")])
+    store.finish("c1", [Transition("c1.0", MessageState.SENT, 250, "", "0107-abc-000000")])
     assert store.message_id_for_ses_id("0107-abc-000000") == "c1.0"
     assert store.message_id_for_ses_id("other") is None

@@ -71,8 +71,14 @@ class ConnectionInfo:
 def encode_payload(data: bytes) -> bytes:
     """Message bytes as they go on the wire after ``354``: CRLF, dot-stuffed, terminated.
 
-    Done once per message (not per attempt) so a resend costs no extra copies.
+    Done once per message (not per attempt) so a resend costs no extra copies. Rendered
+    messages already have CRLF lines: three counts (C speed) prove it and skip the regex.
     """
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf == data.count(b"\r") and data.endswith(b"\r\n"):
+        if data.startswith(b".") or b"\n." in data:
+            return PERIOD_REGEX.sub(b"..", data) + b".\r\n"
+        return data + b".\r\n"
     return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
 
 

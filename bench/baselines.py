@@ -194,7 +194,14 @@ class Recipe:
                 "BENCH_RECIPE_PASSWORD": SANDBOX_PASSWORD,
             }
         )
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("BENCH_RECIPE_")})
+        # The producer side: a plain Celery app on this run's broker prefix.
+        from celery import Celery
+
+        self.app = Celery("bench_recipe_producer", broker=redis_url)
+        self.app.conf.update(
+            task_serializer="json",
+            broker_transport_options={"global_keyprefix": f"{self.prefix}:broker:"},
+        )
 
     def start(self) -> Recipe:
         for index in range(self.processes):
@@ -210,14 +217,15 @@ class Recipe:
                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 )
             )  # fmt: skip
-        # One message through proves the workers consume.
-        self.run(self.threads * self.processes, warmup=True)
+        # A first round proves the workers consume.
+        try:
+            self.run(self.threads * self.processes, warmup=True)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def run(self, count: int, *, warmup: bool = False) -> dict[str, Any]:
-        import importlib
-
-        recipe = importlib.import_module("bench.recipe")
         done_key = f"{self.prefix}:done"
         self.redis.delete(done_key)
         cpu0 = tree_cpu_s([p.pid for p in self.procs])
@@ -227,7 +235,11 @@ class Recipe:
         for seq in range(count):
             to = f"user{seq}@example.com"
             name = f"User {seq}"
-            recipe.send_one.delay(SENDER, to, name, _plain(text, name, to), _plain(html, name, to))
+            self.app.send_task(
+                "bench.recipe.send_one",
+                args=(SENDER, to, name, _plain(text, name, to), _plain(html, name, to)),
+                queue="recipe",
+            )
         deadline = time.monotonic() + 600
         while int(self.redis.get(done_key) or 0) < count:
             if time.monotonic() > deadline:

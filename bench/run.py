@@ -70,11 +70,12 @@ def throughput_case(
             sandbox, redis_url=redis_url, workdir=workdir, connections=connections,
             processes=PROCESSES,
         ).start()  # fmt: skip
-        recipe = Recipe(
-            sandbox, redis_url=redis_url, workdir=workdir, connections=connections,
-            processes=PROCESSES,
-        ).start()  # fmt: skip
+        recipe: Recipe | None = None
         try:
+            recipe = Recipe(
+                sandbox, redis_url=redis_url, workdir=workdir, connections=connections,
+                processes=PROCESSES,
+            ).start()  # fmt: skip
             for run in range(runs):
                 for kind in ("floor", "bare"):
                     r = run_loop(
@@ -88,7 +89,8 @@ def throughput_case(
                     + ", ".join(f"{k} {v[-1]['msgs_per_s']:.0f}/s" for k, v in results.items())
                 )
         finally:
-            recipe.stop()
+            if recipe is not None:
+                recipe.stop()
             ours.stop()
     out = []
     med = {

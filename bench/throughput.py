@@ -72,10 +72,14 @@ class Ours:
 
     def start(self) -> Ours:
         self.workers.start()
-        self.workers.wait_ready()
-        # Warm every process: pools are opened at process start; a first campaign loads
-        # Celery, scripts and code paths.
-        self.run(200, quiet=True)
+        try:
+            self.workers.wait_ready()
+            # Warm every process: pools are opened at process start; a first campaign
+            # loads Celery, scripts and code paths.
+            self.run(200, quiet=True)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def run(self, count: int, *, quiet: bool = False) -> dict[str, Any]:

@@ -198,3 +198,18 @@ def test_send_rejects_header_injection_before_enqueueing(key_prefix, tmp_path: P
     assert result.returncode == 2
     assert result.stderr.startswith("ses-tasks: error: subject:")
     assert "Traceback" not in result.stderr
+
+
+def test_limits_shows_rate_quota_and_paused_campaigns(make_pipeline):
+    pipeline = make_pipeline("tls", SES_TASKS_MAX_24H_SEND="1000", SES_TASKS_MAX_SEND_RATE="50")
+    client = pipeline.client
+    client.send_campaign(from_="a@example.com", subject="s", text="t",
+                         recipients=["x@example.com"], campaign_id="held")
+    client.pause("held")
+    result = run(["limits", "--json"], env=pipeline.env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["rate"]["configured_rate_per_s"] == 50
+    assert data["rate"]["effective_rate_per_s"] == 50
+    assert data["quota"]["limit"] == 1000 and data["quota"]["used"] == 0
+    assert data["paused_campaigns"] == [{"id": "held", "reason": "paused by user"}]

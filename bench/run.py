@@ -34,7 +34,7 @@ from .common import (
     median,
     note,
 )
-from .throughput import Ours
+from .throughput import Ours, batch_size_for
 
 #: SES answers MAIL, RCPT, DATA and the end of data one at a time (no PIPELINING).
 ROUND_TRIPS_PER_MESSAGE = 4
@@ -46,11 +46,18 @@ RUN_TARGET_S = 2.5
 def counts_for(latency_ms: float, connections: int, quick: bool) -> tuple[int, int]:
     """(messages for ours and the loops, messages for the common recipe)."""
     scale = 0.5 if quick else 1.0
+    # Whole rounds of batches: each worker process gets the same number of batches, so the
+    # run does not end with one process sending alone.
+    per_round = PROCESSES * batch_size_for(max(1, connections // PROCESSES))
+
+    def whole(n: float) -> int:
+        return max(per_round, round(n / per_round) * per_round)
+
     if latency_ms <= 0:
-        return int(3000 * scale), int(400 * scale)
+        return whole(3000 * scale), int(400 * scale)
     rtt_s = ROUND_TRIPS_PER_MESSAGE * latency_ms / 1000 + 0.008
     expected = min(connections / rtt_s, 1200)
-    ours = int(max(300, min(3000, expected * RUN_TARGET_S)) * scale)
+    ours = whole(max(300, min(3000, expected * RUN_TARGET_S)) * scale)
     # The recipe pays ~10 round trips and a TLS handshake per message.
     recipe_rate = min(connections / (2.5 * rtt_s), 200)
     recipe = int(max(100, min(600, recipe_rate * RUN_TARGET_S)) * scale)

@@ -35,9 +35,9 @@ def settings_from_env(env: dict[str, str]) -> Settings:
 
 
 def batch_size_for(pool_size: int) -> int:
-    """Large enough that a batch keeps every connection of a process busy for several
-    round trips; per-batch costs (claim, finish, Celery) are then amortised."""
-    return max(100, min(1000, 8 * pool_size))
+    """Ten messages per connection: per-batch costs (claim, finish, Celery) are amortised
+    and the batch's last round (connections waiting for the slowest) is a tenth of it."""
+    return max(50, min(500, 10 * pool_size))
 
 
 class Ours:

@@ -32,6 +32,8 @@ __all__ = ["send_batch", "send_message"]
 
 log = logging.getLogger(__name__)
 
+#: Custom Celery state of a batch whose messages are being sent (visible in Flower).
+SENDING_STATE = "SENDING"
 #: When the status store (Redis) is unreachable, try again after this long.
 STORE_DOWN_RETRY_S = 2.0
 #: Redis unreachable (status store, limiter or quota): the task is retried, not lost.
@@ -67,6 +69,10 @@ def _close(**_: Any) -> None:
 def send_batch(self: Task, campaign_id: str, items: list[list[Any]]) -> dict[str, Any]:
     """Send one slice of a campaign: ``items`` are ``[seq, email, variables, failures]``."""
     runtime = get_runtime()
+    if self.request.id:  # a custom state Flower shows while the batch is on the wire
+        self.update_state(
+            state=SENDING_STATE, meta={"campaign_id": campaign_id, "messages": len(items)}
+        )
     try:
         with logs.log_context(campaign_id=campaign_id):
             report = runtime.run(delivery.process_batch(runtime, campaign_id, items))

@@ -79,3 +79,18 @@ def test_same_idempotency_key_sends_once(make_pipeline):
     third = client.send_email(**fields)
     assert third.get(timeout=60)["state"] == "sent"
     assert len(pipeline.accepted(at_least=1)) == 1
+
+
+def test_batch_results_are_json_records_in_the_result_backend(make_pipeline):
+    from celery.result import AsyncResult
+
+    from ses_tasks.app import BATCH_TASK
+
+    pipeline = make_pipeline("tls")
+    pipeline.start_worker(concurrency=1)
+    client = pipeline.client
+    client.store.create_campaign("flower", template=None)
+    result = client.app.send_task(BATCH_TASK, args=("flower", []), queue="ses.tls")
+    assert AsyncResult(result.id, app=client.app).get(timeout=60) == {
+        "campaign_id": "flower", "sent": 0, "recorded": 0, "follow_ups": 0, "stopped": None,
+    }

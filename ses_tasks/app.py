@@ -63,6 +63,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": broker_options,
         "result_backend_transport_options": {"visibility_timeout": visibility_s},
+        # A result store that is briefly unreachable (Redis restarting) must not fail the
+        # task: Celery would then acknowledge it and the batch would be lost. Retry instead.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         "broker_connection_retry_on_startup": True,
         "task_queues": all_queues(),
         "task_default_queue": bulk_queue(mode),

@@ -50,6 +50,7 @@ def produce(csv_path: str, redis_url: str, prefix: str, queries: int) -> dict[st
     """The producer process: enqueue, then time status queries."""
     from ses_tasks.client import SesTasks
     from ses_tasks.config import Settings
+    from ses_tasks.endpoint import PortMode
 
     settings = Settings(
         redis_url=redis_url,
@@ -57,7 +58,7 @@ def produce(csv_path: str, redis_url: str, prefix: str, queries: int) -> dict[st
         key_prefix=prefix,
         host="localhost",
         port=2587,
-        mode="starttls",
+        mode=PortMode.STARTTLS,
     )
     client = SesTasks(settings)
     client.redis.ping()

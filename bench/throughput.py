@@ -31,7 +31,8 @@ from .common import (
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:
-    return Settings(**{k.removeprefix("SES_TASKS_").lower(): v for k, v in env.items()})
+    fields: dict[str, Any] = {k.removeprefix("SES_TASKS_").lower(): v for k, v in env.items()}
+    return Settings(**fields)
 
 
 def batch_size_for(pool_size: int) -> int:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -108,21 +107,3 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-
-
-def settings_env(pipeline_env: dict[str, str], **overrides: str) -> dict[str, str]:
-    return {**pipeline_env, **overrides}
-
-
-def last_lines(text: str, n: int = 40) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def ids(values: Sequence[Any]) -> list[str]:
-    return [str(v) for v in values]
-
-
-@contextlib.contextmanager
-def suppressed_errors() -> Any:
-    with contextlib.suppress(Exception):
-        yield

@@ -46,96 +46,128 @@ class CampaignProducer:
         *,
         campaign_id: str | None = None,
         progress: ProgressCallback | None = None,
+        resume: bool = False,
     ) -> CampaignStatus:
-        """Create the campaign and enqueue every recipient; returns the status after enqueue."""
+        """Create the campaign and enqueue every recipient; returns the status after enqueue.
+
+        With ``resume=True`` an interrupted enqueue of ``campaign_id`` (producer killed,
+        broker down) continues from where it stopped, given the same template and recipients:
+        rows already enqueued are skipped, and the last batch whose fate is unknown is
+        published again (workers skip whatever of it was already sent).
+        """
         rows = iter_recipients(recipients)  # file header errors surface here, before creation
-        campaign_id = campaign_id or new_campaign_id()
         stored = template.to_dict()
-        self.store.create_campaign(
-            campaign_id,
-            template=stored,
-            meta={
-                "from": stored["from"],
-                "subject": stored["subject"][:200],
-                "mode": self.settings.endpoint.mode.value,
-            },
+        if resume:
+            if campaign_id is None:
+                raise CampaignError("resume needs the campaign id")
+            published, counted = self._resume_point(campaign_id, stored)
+        else:
+            campaign_id = campaign_id or new_campaign_id()
+            self.store.create_campaign(
+                campaign_id,
+                template=stored,
+                meta={
+                    "from": stored["from"],
+                    "subject": stored["subject"][:200],
+                    "mode": self.settings.endpoint.mode.value,
+                },
+            )
+            published = counted = 0
+        self._enqueue(
+            campaign_id, rows, published_upto=published, counted_upto=counted, progress=progress
         )
-        self._enqueue(campaign_id, rows, start_seq=0, progress=progress)
         return self.store.finish_enqueue(campaign_id)
+
+    def _resume_point(self, campaign_id: str, template: dict[str, Any]) -> tuple[int, int]:
+        status = self.store.campaign_status(campaign_id)
+        if status.enqueued_all:
+            raise CampaignError(f"campaign {campaign_id!r} is already fully enqueued")
+        if self.store.template(campaign_id) != template:
+            raise CampaignError(
+                f"campaign {campaign_id!r} was created with another template; resume needs "
+                "the same subject, bodies and options"
+            )
+        return self.store.enqueued_upto(campaign_id), status.total
 
     def _enqueue(
         self,
         campaign_id: str,
-        rows: Iterator[Recipient | RowError] | Iterable[Recipient | RowError],
+        rows: Iterable[Recipient | RowError],
         *,
-        start_seq: int,
+        published_upto: int,
+        counted_upto: int,
         progress: ProgressCallback | None,
-        requeue: bool = False,
     ) -> int:
+        """Count, publish, then advance the watermark, a batch at a time.
+
+        Every row below the watermark is published (good rows) or recorded (bad rows), so
+        an interrupted run resumes exactly; rows below ``counted_upto`` are not counted twice.
+        """
         size = self.settings.batch_size
         queue = bulk_queue(self.settings.endpoint.mode)
-        seq = start_seq
+        seq = 0
         batch: list[list[Any]] = []
         bad: list[Transition] = []
         for row in rows:
-            if isinstance(row, RowError):
-                bad.append(
-                    Transition(
-                        f"{campaign_id}.{seq}",
-                        MessageState.FAILED,
-                        0,
-                        row.reason,
-                        row=[seq, row.email, {}, 0],
+            if seq >= published_upto:
+                if isinstance(row, Recipient):
+                    batch.append([seq, row.email, row.variables, 0])
+                elif seq >= counted_upto:
+                    bad.append(
+                        Transition(
+                            f"{campaign_id}.{seq}",
+                            MessageState.FAILED,
+                            0,
+                            row.reason,
+                            row=[seq, row.email, {}, 0],
+                        )
                     )
-                )
-            else:
-                batch.append([seq, row.email, row.variables, 0])
             seq += 1
-            if len(batch) >= size:
-                self._publish(campaign_id, batch, queue, requeue)
-                if progress:
-                    progress(len(batch))
-                batch = []
-            if len(bad) >= size:
-                self._record_bad(campaign_id, bad, progress)
-                bad = []
-        if batch:
-            self._publish(campaign_id, batch, queue, requeue)
-            if progress:
-                progress(len(batch))
-        if bad:
-            self._record_bad(campaign_id, bad, progress)
-        return seq - start_seq
+            if len(batch) >= size or len(bad) >= size:
+                self._flush(campaign_id, batch, bad, seq, counted_upto, queue, progress)
+                batch, bad = [], []
+        if batch or bad or seq > published_upto:
+            self._flush(campaign_id, batch, bad, seq, counted_upto, queue, progress)
+        return seq
 
-    def _publish(self, campaign_id: str, batch: list[list[Any]], queue: str, requeue: bool) -> None:
-        if requeue:
-            self.store.finish(
-                campaign_id,
-                [Transition(f"{campaign_id}.{item[0]}", MessageState.QUEUED) for item in batch],
-                requeue=True,
-            )
-        else:
-            self.store.add_queued(campaign_id, len(batch))
-        try:
-            self.app.send_task(BATCH_TASK, args=(campaign_id, batch), queue=queue)
-        except Exception as exc:
-            reason = f"could not enqueue: {type(exc).__name__}: {exc}"
-            self.store.finish(
-                campaign_id,
-                [
-                    Transition(f"{campaign_id}.{i[0]}", MessageState.FAILED, 0, reason, row=i)
-                    for i in batch
-                ],
-            )
-            raise SesTasksError(f"campaign {campaign_id}: broker refused a batch: {exc}") from exc
-
-    def _record_bad(
-        self, campaign_id: str, bad: list[Transition], progress: ProgressCallback | None
+    def _flush(
+        self,
+        campaign_id: str,
+        batch: list[list[Any]],
+        bad: list[Transition],
+        seq_end: int,
+        counted_upto: int,
+        queue: str,
+        progress: ProgressCallback | None,
     ) -> None:
-        self.store.add_queued(campaign_id, len(bad))
-        self.store.finish(campaign_id, bad)
+        new = sum(1 for item in batch if item[0] >= counted_upto) + len(bad)
+        if new:
+            self.store.add_queued(campaign_id, new)
+        if bad:
+            self.store.finish(campaign_id, bad)
+        if batch:
+            try:
+                self.app.send_task(BATCH_TASK, args=(campaign_id, batch), queue=queue)
+            except Exception as exc:
+                raise SesTasksError(
+                    f"campaign {campaign_id}: the broker refused a batch ({exc}); nothing is "
+                    f"lost: run `ses-tasks campaign send --resume --id {campaign_id} ...` with "
+                    "the same options to continue"
+                ) from exc
+        self.store.set_enqueued_upto(campaign_id, seq_end)
         if progress:
-            progress(len(bad))
+            progress(len(batch) + len(bad))
+
+    def requeue(self, campaign_id: str, batch: list[list[Any]]) -> None:
+        """Put final messages (failed, unknown) back to queued and publish them again."""
+        self.store.finish(
+            campaign_id,
+            [Transition(f"{campaign_id}.{item[0]}", MessageState.QUEUED) for item in batch],
+            requeue=True,
+        )
+        self.app.send_task(
+            BATCH_TASK, args=(campaign_id, batch), queue=bulk_queue(self.settings.endpoint.mode)
+        )
 
 
 class CampaignControl:
@@ -174,13 +206,11 @@ class CampaignControl:
         ]
         if not rows:
             return 0
-        producer = self.producer
-        size = producer.settings.batch_size
-        queue = bulk_queue(producer.settings.endpoint.mode)
+        size = self.producer.settings.batch_size
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
             batch = [[int(r.row[0]), r.row[1], r.row[2] or {}, 0] for r in chunk]
-            producer._publish(campaign_id, batch, queue, requeue=True)
+            self.producer.requeue(campaign_id, batch)
         return len(rows)
 
     def failures(self, campaign_id: str) -> Iterator[MessageRecord]:

@@ -170,6 +170,7 @@ def campaign() -> None:
 @click.option("--unsubscribe-url", help="List-Unsubscribe one-click URL (template).")
 @click.option("--unsubscribe-mailto")
 @click.option("--tag", "tags", multiple=True, help="SES message tag name=value.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted enqueue of --id.")
 @click.option("--wait", is_flag=True, help="Show progress until every message is final.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
@@ -184,6 +185,7 @@ def campaign_send(
     unsubscribe_url: str | None,
     unsubscribe_mailto: str | None,
     tags: tuple[str, ...],
+    resume: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -210,6 +212,7 @@ def campaign_send(
             recipients=recipients,
             campaign_id=campaign_id,
             progress=advance,
+            resume=resume,
             **options,
         )
     if wait:

@@ -122,8 +122,14 @@ class SesTasks:
         html: str | None = None,
         campaign_id: str | None = None,
         progress: ProgressCallback | None = None,
+        resume: bool = False,
         **options: Any,
     ) -> CampaignStatus:
+        """Validate the template, then stream ``recipients`` into batches on the broker.
+
+        ``resume=True`` continues an interrupted enqueue of ``campaign_id`` (same template
+        and recipients), without sending anything twice.
+        """
         options.setdefault("configuration_set", self.settings.configuration_set)
         template = CampaignTemplate(
             from_=from_,
@@ -133,7 +139,9 @@ class SesTasks:
             max_bytes=self.settings.max_message_bytes,
             **options,
         )
-        return self._producer.send(template, recipients, campaign_id=campaign_id, progress=progress)
+        return self._producer.send(
+            template, recipients, campaign_id=campaign_id, progress=progress, resume=resume
+        )
 
     def campaign_status(self, campaign_id: str) -> CampaignStatus:
         return self.store.campaign_status(campaign_id)

@@ -359,6 +359,14 @@ class StatusStore(_Base):
         pipe.execute()
         return True
 
+    def enqueued_upto(self, campaign_id: str) -> int:
+        """Rows below this sequence number are published or recorded (resume point)."""
+        raw = self.redis.hget(self.keys.campaign(campaign_id), "enqueued_upto")
+        return int(raw or 0)
+
+    def set_enqueued_upto(self, campaign_id: str, seq: int) -> None:
+        self.redis.hset(self.keys.campaign(campaign_id), "enqueued_upto", seq)
+
     def finish_enqueue(self, campaign_id: str) -> CampaignStatus:
         """All batches are in the broker: the campaign runs, or completes if nothing is open."""
         key = self.keys.campaign(campaign_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from ses_tasks.embedded import wait_for
 from ses_tasks.tracking import COUNTERS
 
@@ -135,3 +137,75 @@ def test_retry_failed_requeues_permanent_failures(make_pipeline):
     assert again.counts["failed"] == 2 and again.counts["sent"] == 20 and _adds_up(again)
     attempts = [client.message_status(f"retrying.{i}").attempts for i in (20, 21)]
     assert attempts == [2, 2]
+
+
+def _dies_after(rows, n):
+    for i, row in enumerate(rows):
+        if i == n:
+            raise RuntimeError("producer killed")
+        yield row
+
+
+def test_interrupted_enqueue_resumes_without_loss_or_duplicates(make_pipeline):
+    pipeline = make_pipeline("tls")
+    pipeline.start_worker(concurrency=2)
+    client = pipeline.client
+    rows = [{"email": f"res{i}@example.com", "n": i} for i in range(530)]
+    rows[77] = {"email": "", "n": 77}  # a bad row before the break
+    options = dict(from_="news@example.com", subject="Hi {{ n }}", text="n={{ n }}")
+    with pytest.raises(RuntimeError, match="producer killed"):
+        client.send_campaign(recipients=_dies_after(rows, 260), campaign_id="resumed", **options)
+    interrupted = client.campaign_status("resumed")
+    assert interrupted.state.value == "enqueueing" and interrupted.total <= 260
+    final = client.send_campaign(
+        recipients=rows, campaign_id="resumed", resume=True, **options
+    )
+    assert final.total == 530
+    done = pipeline.wait_done("resumed")
+    assert done.counts["sent"] == 529 and done.counts["failed"] == 1 and _adds_up(done)
+    delivered = Counter(r for m in pipeline.accepted(at_least=529) for r in m["rcpt_tos"])
+    assert len(delivered) == 529 and max(delivered.values()) == 1
+
+
+def test_broker_refusal_mid_enqueue_is_resumable(make_pipeline, monkeypatch):
+    from ses_tasks.errors import SesTasksError
+
+    pipeline = make_pipeline("starttls")
+    pipeline.start_worker(concurrency=2)
+    client = pipeline.client
+    real_send_task = client.app.send_task
+    calls = {"n": 0}
+
+    def flaky_send_task(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("broker went away")
+        return real_send_task(*args, **kwargs)
+
+    monkeypatch.setattr(client.app, "send_task", flaky_send_task)
+    recipients = _recipients("br", 300)
+    options = dict(from_="news@example.com", subject="Hi", text="x")
+    with pytest.raises(SesTasksError, match="--resume --id refused"):
+        client.send_campaign(recipients=recipients, campaign_id="refused", **options)
+    monkeypatch.setattr(client.app, "send_task", real_send_task)
+    client.send_campaign(recipients=recipients, campaign_id="refused", resume=True, **options)
+    done = pipeline.wait_done("refused")
+    assert done.total == 300 and done.counts["sent"] == 300 and _adds_up(done)
+    delivered = Counter(r for m in pipeline.accepted(at_least=300) for r in m["rcpt_tos"])
+    assert len(delivered) == 300 and max(delivered.values()) == 1
+
+
+def test_resume_refuses_a_different_template(make_pipeline):
+    from ses_tasks.errors import CampaignError
+
+    pipeline = make_pipeline("tls")
+    client = pipeline.client
+    client.send_campaign(from_="a@example.com", subject="One", text="x",
+                         recipients=_recipients("t", 3), campaign_id="tmpl")
+    with pytest.raises(CampaignError, match="already fully enqueued"):
+        client.send_campaign(from_="a@example.com", subject="One", text="x",
+                             recipients=_recipients("t", 3), campaign_id="tmpl", resume=True)
+    client.store.redis.hset(client.store.keys.campaign("tmpl"), "enqueued_all", 0)
+    with pytest.raises(CampaignError, match="another template"):
+        client.send_campaign(from_="a@example.com", subject="Two", text="x",
+                             recipients=_recipients("t", 3), campaign_id="tmpl", resume=True)

@@ -140,6 +140,8 @@ def _check_common(run: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]],
     for seq, record in by_seq.items():
         if record is not None and record.state.value == "sent":
             assert f"r{seq}@example.com" in copies, f"r{seq} recorded sent, never accepted"
+    per_kind = {k: faults[k] for k in ("drop_after_data", "session_limit", "idle_timeout")}
+    print(f"fault summary: {final.to_dict()} retried={retried} faults={per_kind}")
     return copies, lost_reply_ids
 
 

@@ -218,6 +218,14 @@ async def process_batch(rt: WorkerRuntime, campaign_id: str, items: Sequence[Ite
         token=rt.token,
     )
     batch.campaign_state = state
+    if state == "missing":
+        log.warning(
+            "campaign %s has no record in the status store (Redis lost its data, or it "
+            "expired): %d messages not sent",
+            campaign_id,
+            len(items),
+        )
+        return batch.report
     busy = [(item, c) for item, c in zip(items, claims, strict=True) if c.decision == "busy"]
     if busy:
         wait_s = max(c.retry_after_s for _, c in busy) + 1.0

@@ -221,6 +221,7 @@ class _Base:
             int(lease_s * 1000),
             token,
             self.retention_s,
+            "1" if campaign_id == TRANSACTIONAL else "0",
         ]
         for message_id, email, suppressed in items:
             argv += [message_id, "1" if suppressed else "0", email]

@@ -130,13 +130,6 @@ def _exists(client: Any) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tracking_claim.lua sends messages of a campaign whose record is missing (Redis "
-    "restarted empty) and its HINCRBYs recreate the campaign hash with negative counters "
-    "(queued=-N, sent=N, total=0) that never complete; it should refuse them (e.g. "
-    "'skip:missing') and write nothing",
-)
 def test_claim_for_a_campaign_lost_with_redis_sends_nothing(redis_client, key_prefix):
     from ses_tasks.tracking import StatusStore
 
@@ -148,8 +141,22 @@ def test_claim_for_a_campaign_lost_with_redis_sends_nothing(redis_client, key_pr
         token="t",
     )
     assert state == "missing"
-    assert not any(c.go for c in claims), claims
+    assert [c.decision for c in claims] == ["skip:missing", "skip:missing"]
     assert not redis_client.exists(store.keys.campaign("vanished"))
+    assert not redis_client.exists(store.keys.message("vanished.0"))
+
+
+def test_single_message_whose_records_were_lost_is_counted_again(redis_client, key_prefix):
+    from ses_tasks.tracking import StatusStore
+
+    store = StatusStore(redis_client, key_prefix=key_prefix)
+    _, (claim,) = store.claim(
+        "transactional", [("transactional.abc", "a@example.com", False)], lease_s=5, token="t"
+    )
+    assert claim.go
+    status = store.campaign_status("transactional")
+    assert status.total == 1 and status.counts["sending"] == 1
+    assert sum(status.counts.values()) == status.total
 
 
 def _refused(client: redis.Redis) -> bool:

@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -23,7 +20,7 @@ from typing import Any
 
 import redis
 
-from ses_tasks.embedded import SANDBOX_USERNAME, WorkerProcess, wait_for
+from ses_tasks.embedded import SandboxProcess, WorkerProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = os.environ.get("SES_TASKS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -143,88 +140,28 @@ def tree_cpu_s(pids: Sequence[int]) -> float:
 # --------------------------------------------------------------------------- sandbox
 
 
-@dataclass
-class LeanSandbox:
+class LeanSandbox(SandboxProcess):
     """The sandbox in its own process, in its fast mode: no message bytes kept, no JSONL
     store or event log, only the per-reply latency asked for."""
 
-    workdir: Path
-    latency_ms: float = 0.0
-    starttls_port: int = 0
-    tls_port: int = 0
-    ca_file: str = ""
-    pid: int = 0
-    _process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, timeout_s: float = 30) -> LeanSandbox:
-        ready = self.workdir / f"sandbox-ready-{time.monotonic_ns()}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "ses_tasks.sandbox",
-            "--host",
-            "127.0.0.1",
-            "--starttls-port",
-            "0",
-            "--tls-port",
-            "0",
-            "--username",
-            SANDBOX_USERNAME,
-            "--cert-dir",
-            str(self.workdir / "certs"),
-            "--no-keep-data",
-            "--latency-ms",
-            str(self.latency_ms),
-            "--ready-file",
-            str(ready),
-        ]
-        env = dict(os.environ, SES_TASKS_SANDBOX_PASSWORD=SANDBOX_PASSWORD)
-        self._process = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    def __init__(self, workdir: Path, latency_ms: float = 0.0) -> None:
+        super().__init__(
+            workdir,
+            password=SANDBOX_PASSWORD,
+            args=["--no-keep-data", "--latency-ms", str(latency_ms)],
+            log_path=Path(os.devnull),
+            record=False,
         )
-
-        def is_ready() -> dict[str, Any] | None:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"sandbox exited with {self._process.returncode}")
-            try:
-                return json.loads(ready.read_text()) if ready.exists() else None
-            except json.JSONDecodeError:
-                return None
-
-        info = wait_for(is_ready, timeout_s=timeout_s, what="the sandbox to listen")
-        self.starttls_port = int(info["starttls_port"])
-        self.tls_port = int(info["tls_port"])
-        self.ca_file = str(info["ca_file"])
-        self.pid = self._process.pid
-        return self
-
-    def settings_env(self, mode: str = "starttls") -> dict[str, str]:
-        return {
-            "SES_TASKS_HOST": "localhost",
-            "SES_TASKS_PORT": str(self.tls_port if mode == "tls" else self.starttls_port),
-            "SES_TASKS_MODE": mode,
-            "SES_TASKS_CA_FILE": self.ca_file,
-            "SES_TASKS_USERNAME": SANDBOX_USERNAME,
-            "SES_TASKS_PASSWORD": SANDBOX_PASSWORD,
-        }
+        self.latency_ms = latency_ms
 
     def cpu_s(self) -> float:
         return tree_cpu_s([self.pid])
 
-    def stop(self) -> None:
-        proc = self._process
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
 
 @contextmanager
 def lean_sandbox(workdir: Path, latency_ms: float) -> Iterator[LeanSandbox]:
-    sandbox = LeanSandbox(workdir, latency_ms).start()
+    sandbox = LeanSandbox(workdir, latency_ms)
+    sandbox.start()
     try:
         yield sandbox
     finally:

@@ -132,12 +132,22 @@ class SandboxProcess:
     events_path: Path | None = None
     #: Where the sandbox's own log lines go (None: inherit stderr).
     log_path: Path | None = None
+    #: Keep a JSONL store of accepted messages and an event log (off for benchmarks).
+    record: bool = True
     _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def start(self, *, timeout_s: float = 30) -> SandboxProcess:
         ready = self.workdir / f"sandbox-ready-{os.getpid()}-{time.monotonic_ns()}.json"
-        self.store_path = self.store_path or self.workdir / "sandbox-messages.jsonl"
-        self.events_path = self.events_path or self.workdir / "sandbox-events.jsonl"
+        recording: list[str] = []
+        if self.record:
+            self.store_path = self.store_path or self.workdir / "sandbox-messages.jsonl"
+            self.events_path = self.events_path or self.workdir / "sandbox-events.jsonl"
+            recording = ["--store", str(self.store_path), "--events", str(self.events_path)]
         env = dict(os.environ, SES_TASKS_SANDBOX_PASSWORD=self.password)
         cmd = [
             sys.executable,
@@ -153,10 +163,7 @@ class SandboxProcess:
             SANDBOX_USERNAME,
             "--cert-dir",
             str(self.workdir / "certs"),
-            "--store",
-            str(self.store_path),
-            "--events",
-            str(self.events_path),
+            *recording,
             "--ready-file",
             str(ready),
             *self.args,

@@ -114,7 +114,9 @@ class _Batch:
         self.throttled: list[Item] = []
         self.fatal: list[Item] = []
         self.fatal_reason = ""
+        #: Set when the 24-hour quota stopped the batch: when to try again.
         self.quota_retry_s: float | None = None
+        self.quota_deferred: list[Item] = []
         self.campaign_state = CampaignState.RUNNING.value
 
     def message_id(self, item: Item) -> str:
@@ -150,7 +152,7 @@ class _Batch:
         elif outcome is Outcome.QUOTA_EXHAUSTED:
             retry_s = await self.rt.quota.mark_exhausted()
             self.quota_retry_s = min(max(retry_s, 1.0), s.retry_max_s)
-            self.transient[-1].append(item)
+            self.quota_deferred.append(item)
             self.pending.append(Transition(mid, MessageState.DEFERRED, result.code, result.reason))
         elif outcome is Outcome.TRANSIENT:
             failures = int(item[3]) + 1
@@ -170,9 +172,10 @@ class _Batch:
             )
         elif outcome is Outcome.FATAL:
             self.fatal.append(item)
-            self.fatal_reason = f"{result.code} {result.reason}".strip()
-        elif s.resend_unknown:
-            self.transient[int(item[3]) + 1].append(item)
+            self.fatal_reason = f"{result.code} {result.reason}" if result.code else result.reason
+        elif s.resend_unknown and int(item[3]) + 1 < s.max_attempts:
+            failures = int(item[3]) + 1
+            self.transient[failures].append([item[0], item[1], item[2], failures])
             self.pending.append(
                 Transition(
                     mid,
@@ -192,8 +195,6 @@ class _Batch:
         if self.throttled:
             out.append(FollowUp(self.throttled, throttle_delay_s(s.throttle_retry_s), "throttled"))
         for failures, items in self.transient.items():
-            if failures < 0:
-                continue
             delay = backoff_s(failures, base_s=s.retry_base_s, max_s=s.retry_max_s)
             out.append(FollowUp(items, delay, f"transient failure #{failures}"))
         return out
@@ -266,9 +267,9 @@ async def process_batch(rt: WorkerRuntime, campaign_id: str, items: Sequence[Ite
     if remaining:
         await _hold_back(rt, batch, remaining)
     batch.report.follow_ups.extend(batch.follow_ups())
-    if batch.quota_retry_s is not None and batch.transient.get(-1):
+    if batch.quota_retry_s is not None and batch.quota_deferred:
         batch.report.follow_ups.append(
-            FollowUp(batch.transient[-1], batch.quota_retry_s, "24-hour quota used up")
+            FollowUp(batch.quota_deferred, batch.quota_retry_s, "24-hour quota used up")
         )
     for follow_up in batch.report.follow_ups:
         for observer in observers:
@@ -437,8 +438,8 @@ async def process_message(
         await rt.limiter.on_throttle()
     elif result.outcome is Outcome.QUOTA_EXHAUSTED:
         await rt.quota.mark_exhausted()
-    if result.outcome is Outcome.TRANSIENT:
-        failures += 1
+    if result.outcome in (Outcome.TRANSIENT, Outcome.UNKNOWN):
+        failures += 1  # both spend the attempt budget; throttles and deferrals do not
     for observer in observers:
         observer.message_recorded(state.value, 1)
         if retry_in is not None:
@@ -480,7 +481,7 @@ def _single_outcome(
             return MessageState.FAILED, None, True
         case Outcome.FATAL:
             return MessageState.DEFERRED, s.retry_max_s, False
-        case _ if s.resend_unknown:
+        case _ if s.resend_unknown and failures + 1 < s.max_attempts:
             return (
                 MessageState.RETRYING,
                 backoff_s(failures + 1, base_s=s.retry_base_s, max_s=s.retry_max_s),

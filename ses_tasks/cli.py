@@ -223,6 +223,8 @@ def campaign_send(
         click.echo(status.id)
         if wait:
             click.echo(_counts_line(status.to_dict()), err=True)
+    if wait and not status.done:
+        _fail(f"campaign {status.id} is {status.state.value}: {status.reason}", EXIT_FAILURE)
 
 
 def _parse_tag(text: str) -> tuple[str, str]:

@@ -54,7 +54,10 @@ def wait_progress(
     status = client.campaign_status(campaign_id)
 
     def finished(s: CampaignStatus) -> bool:
-        return s.done or (s.state.value in ("paused", "cancelled") and s.open == 0)
+        # A paused campaign keeps its parked messages deferred: stop waiting once nothing
+        # is queued, sending or retrying, and let the caller show why it paused.
+        moving = sum(s.counts.get(name, 0) for name in ("queued", "sending", "retrying"))
+        return s.done or (s.state.value in ("paused", "cancelled") and moving == 0)
 
     if quiet:
         while not finished(status) and (deadline is None or time.monotonic() < deadline):

@@ -213,3 +213,22 @@ def test_limits_shows_rate_quota_and_paused_campaigns(make_pipeline):
     assert data["rate"]["effective_rate_per_s"] == 50
     assert data["quota"]["limit"] == 1000 and data["quota"]["used"] == 0
     assert data["paused_campaigns"] == [{"id": "held", "reason": "paused by user"}]
+
+
+def test_campaign_send_wait_stops_when_the_endpoint_pauses_the_campaign(make_pipeline, tmp_path):
+    pipeline = make_pipeline("tls", SES_TASKS_PASSWORD="wrong")
+    pipeline.start_worker(concurrency=1)
+    recipients = write_csv(tmp_path / "r.csv", [{"email": f"w{i}@example.com"} for i in range(30)])
+    (tmp_path / "body.txt").write_text("x")
+    result = run(
+        ["campaign", "send", "--from", "a@example.com", "--subject", "s", "--text",
+         str(tmp_path / "body.txt"), "--recipients", str(recipients), "--id", "paused-wait",
+         "--wait", "--json"],
+        env=pipeline.env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    status = json.loads(result.stdout)
+    assert status["state"] == "paused" and status["deferred"] == 30
+    assert result.stderr.strip().startswith("ses-tasks: error: campaign paused-wait is paused:")
+    assert "535" in result.stderr

@@ -8,21 +8,30 @@ reason as they are met, so the campaign's counters always cover every row.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
-from .app import BATCH_TASK, bulk_queue
 from .config import Settings
+from .delivery import BatchItem, BatchJob
 from .errors import CampaignError, SesTasksError
 from .message import CampaignTemplate
+from .publish import publish_job
 from .recipients import Recipient, RowError, iter_recipients
 from .states import CampaignState, MessageState
-from .tracking import CampaignStatus, MessageRecord, StatusStore, Transition
+from .tracking import (
+    CampaignStatus,
+    LedgerEntry,
+    MessageRecord,
+    Settlement,
+    StatusStore,
+    Transition,
+)
 
 __all__ = ["CampaignControl", "CampaignProducer", "new_campaign_id"]
 
@@ -104,14 +113,13 @@ class CampaignProducer:
         an interrupted run resumes exactly; rows below ``counted_upto`` are not counted twice.
         """
         size = self.settings.batch_size
-        queue = bulk_queue(self.settings.endpoint.mode)
         seq = 0
-        batch: list[list[Any]] = []
+        batch: list[BatchItem] = []
         bad: list[Transition] = []
         for row in rows:
             if seq >= published_upto:
                 if isinstance(row, Recipient):
-                    batch.append([seq, row.email, row.variables, 0])
+                    batch.append(BatchItem(seq, row.email, row.variables))
                 elif seq >= counted_upto:
                     bad.append(
                         Transition(
@@ -124,31 +132,37 @@ class CampaignProducer:
                     )
             seq += 1
             if len(batch) >= size or len(bad) >= size:
-                self._flush(campaign_id, batch, bad, seq, counted_upto, queue, progress)
+                self._flush(campaign_id, batch, bad, seq, counted_upto, progress)
                 batch, bad = [], []
         if batch or bad or seq > published_upto:
-            self._flush(campaign_id, batch, bad, seq, counted_upto, queue, progress)
+            self._flush(campaign_id, batch, bad, seq, counted_upto, progress)
         return seq
 
     def _flush(
         self,
         campaign_id: str,
-        batch: list[list[Any]],
+        batch: list[BatchItem],
         bad: list[Transition],
         seq_end: int,
         counted_upto: int,
-        queue: str,
         progress: ProgressCallback | None,
     ) -> None:
-        new = sum(1 for item in batch if item[0] >= counted_upto) + len(bad)
+        new = sum(1 for item in batch if int(item.seq) >= counted_upto) + len(bad)
+        job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}") if batch else None
+        pipe = self.store.redis.pipeline(transaction=True)
         if new:
-            self.store.add_queued(campaign_id, new)
+            self.store.add_queued(campaign_id, new, pipe)
+        if job is not None:  # in the ledger before it is published: a lost publish is swept
+            self.store.register_batch(campaign_id, LedgerEntry(job.batch_id, job.payload()), pipe)
+        pipe.execute()
         if bad:
             self.store.finish(campaign_id, bad)
-        if batch:
+        if job is not None:
             try:
-                self.app.send_task(BATCH_TASK, args=(campaign_id, batch), queue=queue)
+                publish_job(self.app, self.settings.endpoint.mode, job)
             except Exception as exc:
+                with contextlib.suppress(Exception):
+                    self.store.mark_due_now(campaign_id, [job.batch_id])
                 raise SesTasksError(
                     f"campaign {campaign_id}: the broker refused a batch ({exc}); nothing is "
                     f"lost: run `ses-tasks campaign send --resume --id {campaign_id} ...` with "
@@ -158,16 +172,35 @@ class CampaignProducer:
         if progress:
             progress(len(batch) + len(bad))
 
-    def requeue(self, campaign_id: str, batch: list[list[Any]]) -> None:
+    def publish(self, campaign_id: str, entries: Sequence[LedgerEntry]) -> None:
+        """Publish ledger entries; one that fails is left due for the sweeper."""
+        failed = []
+        for entry in entries:
+            job = BatchJob.from_payload(campaign_id, entry.batch_id, entry.payload)
+            try:
+                publish_job(self.app, self.settings.endpoint.mode, job, entry.delay_s)
+            except Exception:
+                failed.append(entry.batch_id)
+        if failed:
+            self.store.mark_due_now(campaign_id, failed)
+            raise SesTasksError(
+                f"campaign {campaign_id}: the broker refused {len(failed)} batches; they are "
+                "kept and the workers' sweeper publishes them when the broker is back"
+            )
+
+    def requeue(self, campaign_id: str, batch: list[BatchItem]) -> None:
         """Put final messages (failed, unknown) back to queued and publish them again."""
+        entry = LedgerEntry(
+            f"q{batch[0].seq}-{secrets.token_hex(4)}",
+            BatchJob(campaign_id, tuple(batch)).payload(),
+        )
         self.store.finish(
             campaign_id,
-            [Transition(f"{campaign_id}.{item[0]}", MessageState.QUEUED) for item in batch],
+            [Transition(f"{campaign_id}.{item.seq}", MessageState.QUEUED) for item in batch],
             requeue=True,
+            settle=Settlement(follow_ups=[entry]),
         )
-        self.app.send_task(
-            BATCH_TASK, args=(campaign_id, batch), queue=bulk_queue(self.settings.endpoint.mode)
-        )
+        self.publish(campaign_id, [entry])
 
 
 class CampaignControl:
@@ -182,15 +215,9 @@ class CampaignControl:
 
     def resume(self, campaign_id: str) -> int:
         """Resume and hand parked batches back to the broker; returns messages re-enqueued."""
-        parked = self.store.resume(campaign_id)
-        queue = bulk_queue(self.producer.settings.endpoint.mode)
-        count = 0
-        for payload in parked:
-            self.producer.app.send_task(
-                BATCH_TASK, args=(campaign_id, payload["items"]), queue=queue
-            )
-            count += len(payload["items"])
-        return count
+        entries = self.store.resume(campaign_id)
+        self.producer.publish(campaign_id, entries)
+        return sum(len(e.payload["items"]) for e in entries)
 
     def cancel(self, campaign_id: str) -> int:
         return self.store.cancel(campaign_id)
@@ -209,7 +236,7 @@ class CampaignControl:
         size = self.producer.settings.batch_size
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
-            batch = [[int(r.row[0]), r.row[1], r.row[2] or {}, 0] for r in chunk]
+            batch = [BatchItem(int(r.row[0]), r.row[1], r.row[2] or {}) for r in chunk]
             self.producer.requeue(campaign_id, batch)
         return len(rows)
 

@@ -9,7 +9,9 @@ result.message_id, result.get(timeout=30)   # -> {"state": "sent", "ses_message_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -20,15 +22,21 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from .app import MESSAGE_TASK, create_app, transactional_queue
+from .app import create_app
 from .campaigns import CampaignControl, CampaignProducer, ProgressCallback
 from .config import Settings, load_settings
+from .delivery import BatchItem, BatchJob
 from .keys import TRANSACTIONAL
 from .message import CampaignTemplate, MessageSpec, render_message
+from .publish import publish_job
+from .ratelimit import Priority
+from .states import MessageState
 from .suppression import SuppressionList
 from .tracking import CampaignStatus, MessageRecord, StatusStore
 
 __all__ = ["MessageResult", "SesTasks"]
+
+log = logging.getLogger(__name__)
 
 
 class MessageResult(AsyncResult):  # type: ignore[misc]
@@ -69,7 +77,10 @@ class SesTasks:
     @cached_property
     def store(self) -> StatusStore:
         return StatusStore(
-            self.redis, key_prefix=self.settings.key_prefix, retention_s=self.settings.retention_s
+            self.redis,
+            key_prefix=self.settings.key_prefix,
+            retention_s=self.settings.retention_s,
+            redeliver_after_s=self.settings.redeliver_after,
         )
 
     @cached_property
@@ -96,18 +107,30 @@ class SesTasks:
         return spec
 
     def send_email(self, **fields: Any) -> MessageResult:
-        """Validate and enqueue one message on the transactional queue."""
+        """Validate and enqueue one message on the transactional queue.
+
+        The message and its ledger entry are recorded first, then published. With the same
+        ``idempotency_key`` a message still waiting is published again (a copy is harmless:
+        claims are idempotent) and one already handled is not. Once this returns, a failed
+        publish is no loss: the fleet's sweeper publishes the entry.
+        """
         spec = self.build_message(**fields)
         message_id = transactional_message_id(spec.idempotency_key)
-        self.store.ensure_transactional()
         first = (spec.to or spec.cc or spec.bcc)[0]
-        if self.store.add_message(message_id, first):
-            self.app.send_task(
-                MESSAGE_TASK,
-                args=(message_id, spec.model_dump(mode="json", by_alias=True)),
-                task_id=message_id,
-                queue=transactional_queue(self.settings.endpoint.mode),
-            )
+        item = BatchItem(
+            message_id.split(".", 1)[1], first, {}, 0, spec.model_dump(mode="json", by_alias=True)
+        )
+        job = BatchJob(TRANSACTIONAL, (item,), message_id, Priority.TRANSACTIONAL)
+        new, state, in_ledger = self.store.enqueue_one(message_id, first, job.payload())
+        if new or (state is MessageState.QUEUED and in_ledger):
+            try:
+                publish_job(self.app, self.settings.endpoint.mode, job)
+            except Exception as exc:
+                log.warning(
+                    "message %s recorded but not published (%s): swept later", message_id, exc
+                )
+                with contextlib.suppress(Exception):
+                    self.store.mark_due_now(TRANSACTIONAL, [message_id])
         return MessageResult(message_id, app=self.app)
 
     # Campaigns ---------------------------------------------------------------------------

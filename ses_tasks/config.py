@@ -33,17 +33,22 @@ DEFAULT_IDLE_CHECK_S = 5.0
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``."""
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``.
+
+    Each part of a ``;``-separated list (``sentinel://...;sentinel://...``) is redacted.
+    """
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
     except ValueError:
         return "***"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
@@ -73,6 +78,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str | None = None
     key_prefix: str = "sestasks"
+    #: Seconds before a Redis read, write or connect is an error (every client we make).
+    redis_socket_timeout_s: float = Field(default=10.0, gt=0)
     # Limits (SES account quotas)
     max_send_rate: float = Field(default=14.0, gt=0)
     rate_burst: float | None = Field(default=None, gt=0)
@@ -100,6 +107,16 @@ class Settings(BaseSettings):
     #: How long a worker's claim on a batch's messages lasts before another may take them
     #: over (after a crash), on top of the time the rate limit needs for the batch.
     claim_lease_s: float = Field(default=120.0, gt=0)
+    #: How long a worker rides out Redis errors in place (retrying each call) before it
+    #: hands its batch back; recording outcomes of sends made retries for the lease too.
+    store_retry_s: float = Field(default=30.0, ge=0)
+    #: A batch nobody settled (its publish was lost, its worker died) is republished by the
+    #: sweeper this long after it was due. Default: VISIBILITY_TIMEOUT_S.
+    redeliver_after_s: float | None = Field(default=None, gt=0)
+    #: How often the fleet's sweeper looks for batches past due (one process sweeps).
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    #: Upper bound on one task's run on the worker's event loop.
+    task_timeout_s: float = Field(default=900.0, gt=0)
     #: Broker redelivery of unacknowledged tasks; must outlast every retry delay.
     visibility_timeout_s: int = Field(default=7200, ge=1)
     # Status store
@@ -129,9 +146,7 @@ class Settings(BaseSettings):
         if value is None:
             return None
         if not value or len(value) > 64 or not all(c.isalnum() or c in "_-" for c in value):
-            raise ValueError(
-                "a configuration set name is 1-64 ASCII letters, digits, '_' or '-'"
-            )
+            raise ValueError("a configuration set name is 1-64 ASCII letters, digits, '_' or '-'")
         return value
 
     @model_validator(mode="after")
@@ -171,6 +186,10 @@ class Settings(BaseSettings):
         if self.secret_access_key is not None:
             return smtp_password(self.secret_access_key.get_secret_value(), self.region)
         return None
+
+    @property
+    def redeliver_after(self) -> float:
+        return float(self.redeliver_after_s or self.visibility_timeout_s)
 
     @property
     def burst(self) -> float:

@@ -41,6 +41,14 @@ class Keys:
     def parked(self, campaign_id: str) -> str:
         return f"{self.prefix}:c:{{{campaign_id}}}:parked"
 
+    def batches(self, campaign_id: str) -> str:
+        """The batch ledger: batch id -> payload of every batch not yet settled."""
+        return f"{self.prefix}:c:{{{campaign_id}}}:batches"
+
+    def due(self, campaign_id: str) -> str:
+        """Ledger entry -> when the sweeper republishes it unless a worker settles it first."""
+        return f"{self.prefix}:c:{{{campaign_id}}}:due"
+
     def message_prefix(self, campaign_id: str) -> str:
         return f"{self.prefix}:m:{{{campaign_id}}}:"
 
@@ -56,6 +64,14 @@ class Keys:
 
     def campaigns_index(self) -> str:
         return f"{self.prefix}:campaigns"
+
+    def active(self) -> str:
+        """Campaigns that may have ledger entries: the sweeper's work list."""
+        return f"{self.prefix}:active"
+
+    def sweeper_lock(self) -> str:
+        """Held by the one worker process that sweeps for the whole fleet."""
+        return f"{self.prefix}:sweeper"
 
     def suppression(self) -> str:
         return f"{self.prefix}:suppressed"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["FINAL_STATES", "CampaignState", "MessageState", "Outcome"]
+__all__ = [
+    "FINAL_STATES",
+    "OPEN_STATES",
+    "CampaignState",
+    "ClaimDecision",
+    "MessageState",
+    "Outcome",
+]
 
 
 class MessageState(StrEnum):
@@ -40,6 +47,10 @@ FINAL_STATES = frozenset(
 )
 
 
+#: States that still need work: the campaign is not done while one of its messages is here.
+OPEN_STATES = frozenset(MessageState) - FINAL_STATES
+
+
 class CampaignState(StrEnum):
     #: Records are being written and batches enqueued.
     ENQUEUEING = "enqueueing"
@@ -63,3 +74,26 @@ class Outcome(StrEnum):
     PERMANENT = "permanent"
     FATAL = "fatal"
     UNKNOWN = "unknown"
+
+
+class ClaimDecision(StrEnum):
+    """What the claim script decided for one message (parsed once, in ``tracking``)."""
+
+    #: Ours now: send it.
+    GO = "go"
+    #: Ours now, but a worker that died held it: it may already have been sent.
+    RECOVERED = "go:recovered"
+    #: Another live worker holds it; try again after its lease.
+    BUSY = "busy"
+    #: Final already (``skipped_state`` says which): nothing to do.
+    SKIP = "skip"
+    #: The campaign record is gone (Redis lost it, or it expired): send nothing blind.
+    MISSING = "skip:missing"
+    #: A copy of a batch that was already settled: every message is final or elsewhere.
+    STALE = "skip:stale"
+    #: The campaign is cancelled: recorded ``cancelled``.
+    CANCELLED = "cancelled"
+    #: On the suppression list: recorded ``suppressed``.
+    SUPPRESSED = "suppressed"
+    #: The campaign is paused: park it (or, for transactional mail, retry later).
+    PAUSED = "paused"

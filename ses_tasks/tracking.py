@@ -11,11 +11,11 @@ loop, use ``AsyncStatusStore`` for the per-batch hot path (claim, finish, park).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import redis
@@ -23,14 +23,19 @@ import redis.asyncio as aioredis
 
 from .errors import CampaignError
 from .keys import CAMPAIGN_ID_RE, TRANSACTIONAL, Keys, campaign_of
-from .states import CampaignState, MessageState
+from .scripts import tracking_script
+from .states import CampaignState, ClaimDecision, MessageState
 
 __all__ = [
     "COUNTERS",
     "AsyncStatusStore",
     "CampaignStatus",
     "Claim",
+    "ClaimReply",
+    "LedgerEntry",
     "MessageRecord",
+    "RenewReply",
+    "Settlement",
     "StatusStore",
     "Transition",
 ]
@@ -39,14 +44,15 @@ __all__ = [
 COUNTERS = tuple(state.value for state in MessageState)
 
 
-def _script(name: str) -> str:
-    return resources.files("ses_tasks").joinpath("lua", name).read_text(encoding="utf-8")
-
-
-CLAIM_LUA = _script("tracking_claim.lua")
-FINISH_LUA = _script("tracking_finish.lua")
-PARK_LUA = _script("tracking_park.lua")
-RESUME_LUA = _script("tracking_resume.lua")
+CLAIM_LUA = tracking_script("tracking_claim.lua")
+FINISH_LUA = tracking_script("tracking_finish.lua")
+PARK_LUA = tracking_script("tracking_park.lua")
+RESUME_LUA = tracking_script("tracking_resume.lua")
+CONTROL_LUA = tracking_script("tracking_control.lua")
+CANCEL_PARKED_LUA = tracking_script("tracking_cancel_parked.lua")
+RENEW_LUA = tracking_script("tracking_renew.lua")
+TAKE_DUE_LUA = tracking_script("ledger_take_due.lua")
+ENQUEUE_ONE_LUA = tracking_script("tracking_enqueue_one.lua")
 
 
 def _text(value: Any) -> str:
@@ -68,7 +74,6 @@ class Transition:
     def argv(self) -> list[str]:
         row = "" if self.row is None else json.dumps(self.row, separators=(",", ":"))
         return [
-            self.message_id,
             self.state.value,
             str(self.code),
             self.reason[:1000],
@@ -82,18 +87,78 @@ class Claim:
     """What ``claim`` decided for one message: ``go`` means send it now."""
 
     message_id: str
-    decision: str
-    #: For ``busy``: how long another worker's lease still runs.
+    decision: ClaimDecision
+    #: For ``BUSY``: how long another worker's lease still runs.
     retry_after_s: float = 0.0
+    #: For ``SKIP``: the final state the message is already in.
+    skipped_state: MessageState | None = None
 
     @property
     def go(self) -> bool:
-        return self.decision in ("go", "go:recovered")
+        return self.decision in (ClaimDecision.GO, ClaimDecision.RECOVERED)
 
     @property
     def recovered(self) -> bool:
         """A previous worker held it and died: it may already have been sent."""
-        return self.decision == "go:recovered"
+        return self.decision is ClaimDecision.RECOVERED
+
+
+def parse_claim(message_id: str, raw: Any) -> Claim:
+    """The claim script's answer for one message; the only parser of that vocabulary."""
+    text = _text(raw)
+    if text.startswith("busy:"):
+        return Claim(message_id, ClaimDecision.BUSY, int(text[5:]) / 1000.0)
+    if text in (ClaimDecision.MISSING, ClaimDecision.STALE):
+        return Claim(message_id, ClaimDecision(text))
+    if text.startswith("skip:"):
+        return Claim(message_id, ClaimDecision.SKIP, skipped_state=MessageState(text[5:]))
+    return Claim(message_id, ClaimDecision(text))
+
+
+def parse_campaign_state(raw: Any) -> CampaignState | None:
+    """A campaign state from a script; ``None`` when the record is gone."""
+    text = _text(raw)
+    return None if text == "missing" else CampaignState(text)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimReply:
+    campaign_state: CampaignState | None
+    claims: list[Claim]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A batch to publish, written to the ledger before it is published."""
+
+    batch_id: str
+    payload: dict[str, Any]
+    #: The countdown it is published with; the sweeper waits this plus redeliver-after.
+    delay_s: float = 0.0
+
+    def payload_json(self) -> str:
+        return json.dumps(self.payload, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What ``finish`` does besides recording transitions, in the same atomic step."""
+
+    #: The lease token of the caller: messages another worker took over are left alone.
+    token: str = ""
+    #: Our messages claimed but not sent, handed back to ``queued`` (a follow-up has them).
+    release: Sequence[str] = ()
+    #: The ledger entry this call settles (removed).
+    done_batch: str = ""
+    #: New ledger entries (follow-up batches) written as the settled one is removed.
+    follow_ups: Sequence[LedgerEntry] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RenewReply:
+    campaign_state: CampaignState | None
+    #: Message ids another worker took over: never send these.
+    lost: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +269,29 @@ def parse_campaign(campaign_id: str, raw: dict[Any, Any]) -> CampaignStatus | No
 
 
 class _Base:
-    def __init__(self, *, key_prefix: str = "sestasks", retention_s: int = 30 * 86400) -> None:
+    def __init__(
+        self,
+        *,
+        key_prefix: str = "sestasks",
+        retention_s: int = 30 * 86400,
+        redeliver_after_s: float = 7200.0,
+    ) -> None:
         self.keys = Keys(key_prefix)
         self.retention_s = retention_s
+        #: A ledger entry nobody settled is republished this long after its due time.
+        self.redeliver_after_ms = int(redeliver_after_s * 1000)
+
+    def _ledger_keys(self, campaign_id: str) -> list[str]:
+        return [
+            self.keys.campaign(campaign_id),
+            self.keys.not_sent(campaign_id),
+            self.keys.batches(campaign_id),
+            self.keys.due(campaign_id),
+        ]
+
+    def _message_keys(self, campaign_id: str, message_ids: Iterable[str]) -> list[str]:
+        prefix = self.keys.message_prefix(campaign_id)
+        return [prefix + mid for mid in message_ids]
 
     def _claim_args(
         self,
@@ -214,63 +299,94 @@ class _Base:
         items: Sequence[tuple[str, str, bool]],
         lease_s: float,
         token: str,
+        batch_id: str,
     ) -> tuple[list[str], list[Any]]:
-        keys = [self.keys.campaign(campaign_id), self.keys.not_sent(campaign_id)]
+        keys = self._ledger_keys(campaign_id) + self._message_keys(
+            campaign_id, (mid for mid, _, _ in items)
+        )
         argv: list[Any] = [
-            self.keys.message_prefix(campaign_id),
             int(lease_s * 1000),
             token,
             self.retention_s,
             "1" if campaign_id == TRANSACTIONAL else "0",
+            batch_id,
         ]
-        for message_id, email, suppressed in items:
-            argv += [message_id, "1" if suppressed else "0", email]
+        for _, email, suppressed in items:
+            argv += ["1" if suppressed else "0", email]
         return keys, argv
 
     @staticmethod
-    def _parse_claims(
-        items: Sequence[tuple[str, str, bool]], raw: list[Any]
-    ) -> tuple[str, list[Claim]]:
-        state = _text(raw[0])
-        claims = []
-        for (message_id, _, _), decision in zip(items, raw[2:], strict=True):
-            text = _text(decision)
-            if text.startswith("busy:"):
-                claims.append(Claim(message_id, "busy", int(text[5:]) / 1000.0))
-            else:
-                claims.append(Claim(message_id, text))
-        return state, claims
+    def _parse_claims(items: Sequence[tuple[str, str, bool]], raw: list[Any]) -> ClaimReply:
+        claims = [parse_claim(mid, d) for (mid, _, _), d in zip(items, raw[2:], strict=True)]
+        return ClaimReply(parse_campaign_state(raw[0]), claims)
 
     def _finish_args(
-        self, campaign_id: str, outcomes: Iterable[Transition], requeue: bool
+        self,
+        campaign_id: str,
+        outcomes: Sequence[Transition],
+        requeue: bool,
+        settle: Settlement,
     ) -> tuple[list[str], list[Any]]:
-        keys = [self.keys.campaign(campaign_id), self.keys.not_sent(campaign_id)]
+        keys = (
+            self._ledger_keys(campaign_id)
+            + self._message_keys(campaign_id, (o.message_id for o in outcomes))
+            + self._message_keys(campaign_id, settle.release)
+        )
         argv: list[Any] = [
-            self.keys.message_prefix(campaign_id),
             self.retention_s,
             "requeue" if requeue else "normal",
-            self.keys.ses_id_prefix(),
+            settle.token,
+            len(outcomes),
+            len(settle.release),
+            settle.done_batch,
+            len(settle.follow_ups),
+            self.redeliver_after_ms,
         ]
         for outcome in outcomes:
             argv += outcome.argv()
+        for entry in settle.follow_ups:
+            argv += [entry.batch_id, entry.payload_json(), int(entry.delay_s * 1000)]
         return keys, argv
 
+    def _ses_index(self, outcomes: Sequence[Transition]) -> list[tuple[str, str]]:
+        """SES id -> message id entries, written after ``finish`` (a key of its own slot)."""
+        return [
+            (self.keys.ses_id(o.ses_message_id), o.message_id) for o in outcomes if o.ses_message_id
+        ]
+
     def _park_args(
-        self, campaign_id: str, payload: dict[str, Any], message_ids: Sequence[str], reason: str
+        self,
+        campaign_id: str,
+        payload: dict[str, Any],
+        message_ids: Sequence[str],
+        reason: str,
+        token: str,
     ) -> tuple[list[str], list[Any]]:
         keys = [
             self.keys.campaign(campaign_id),
             self.keys.parked(campaign_id),
             self.keys.not_sent(campaign_id),
+            *self._message_keys(campaign_id, message_ids),
         ]
         argv = [
-            self.keys.message_prefix(campaign_id),
             self.retention_s,
             json.dumps(payload, separators=(",", ":")),
             reason,
-            *message_ids,
+            token,
         ]
         return keys, argv
+
+    def _control_args(
+        self, campaign_id: str, action: str, reason: str, kind: str
+    ) -> tuple[list[str], list[Any]]:
+        return [self.keys.campaign(campaign_id)], [action, reason, kind]
+
+
+def _control_result(campaign_id: str, raw: list[Any]) -> tuple[str, str]:
+    result, state = _text(raw[0]), _text(raw[1])
+    if result == "missing":
+        raise CampaignError(f"no campaign {campaign_id!r}")
+    return result, state
 
 
 class StatusStore(_Base):
@@ -282,13 +398,19 @@ class StatusStore(_Base):
         *,
         key_prefix: str = "sestasks",
         retention_s: int = 30 * 86400,
+        redeliver_after_s: float = 7200.0,
     ) -> None:
-        super().__init__(key_prefix=key_prefix, retention_s=retention_s)
+        super().__init__(
+            key_prefix=key_prefix, retention_s=retention_s, redeliver_after_s=redeliver_after_s
+        )
         self.redis = client
         self._claim = client.register_script(CLAIM_LUA)
         self._finish = client.register_script(FINISH_LUA)
         self._park = client.register_script(PARK_LUA)
         self._resume = client.register_script(RESUME_LUA)
+        self._control = client.register_script(CONTROL_LUA)
+        self._cancel_parked = client.register_script(CANCEL_PARKED_LUA)
+        self._enqueue_one = client.register_script(ENQUEUE_ONE_LUA)
 
     # Campaigns -------------------------------------------------------------------------
 
@@ -321,23 +443,10 @@ class StatusStore(_Base):
         pipe.expire(key, self.retention_s)
         if template is not None:
             pipe.set(self.keys.template(campaign_id), json.dumps(template), ex=self.retention_s)
-        pipe.zadd(self.keys.campaigns_index(), {campaign_id: now_ms})
         pipe.execute()
-
-    def ensure_transactional(self) -> None:
-        """The standing campaign of single messages: created once, never completes."""
-        key = self.keys.campaign(TRANSACTIONAL)
-        if self.redis.hsetnx(key, "id", TRANSACTIONAL):
-            self.redis.hset(
-                key,
-                mapping={
-                    "state": CampaignState.RUNNING.value,
-                    "total": 0,
-                    "created_at": int(time.time() * 1000),
-                    "enqueued_all": 0,
-                    **{name: 0 for name in COUNTERS},
-                },
-            )
+        # Other slots than the campaign's (Redis Cluster): separate commands.
+        self.redis.zadd(self.keys.campaigns_index(), {campaign_id: now_ms})
+        self.redis.zadd(self.keys.active(), {campaign_id: now_ms})
 
     def add_queued(self, campaign_id: str, count: int, pipe: Any = None) -> None:
         """Count ``count`` new queued messages; pass the pipeline that enqueues them."""
@@ -346,19 +455,42 @@ class StatusStore(_Base):
         target.hincrby(key, "total", count)
         target.hincrby(key, "queued", count)
 
-    def add_message(self, message_id: str, email: str) -> bool:
-        """Record a single message as queued; False if that id was already recorded."""
-        campaign_id = campaign_of(message_id)
-        key = self.keys.message(message_id)
-        now_ms = int(time.time() * 1000)
-        if not self.redis.hsetnx(key, "state", MessageState.QUEUED.value):
-            return False
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping={"email": email, "created_at": now_ms, "updated_at": now_ms})
-        pipe.expire(key, self.retention_s)
-        self.add_queued(campaign_id, 1, pipe)
-        pipe.execute()
-        return True
+    def register_batch(self, campaign_id: str, entry: LedgerEntry, pipe: Any = None) -> None:
+        """Write a batch to the ledger before publishing it: a lost publish gets swept."""
+        target = pipe if pipe is not None else self.redis
+        due_ms = int(time.time() * 1000 + entry.delay_s * 1000) + self.redeliver_after_ms
+        target.hset(self.keys.batches(campaign_id), entry.batch_id, entry.payload_json())
+        target.zadd(self.keys.due(campaign_id), {entry.batch_id: due_ms})
+        target.expire(self.keys.batches(campaign_id), self.retention_s)
+        target.expire(self.keys.due(campaign_id), self.retention_s)
+
+    def mark_due_now(self, campaign_id: str, batch_ids: Sequence[str]) -> None:
+        """A publish failed: let the sweeper republish these at its next pass."""
+        if batch_ids:
+            self.redis.zadd(self.keys.due(campaign_id), dict.fromkeys(batch_ids, 0), xx=True)
+
+    def enqueue_one(
+        self, message_id: str, email: str, payload: dict[str, Any]
+    ) -> tuple[bool, MessageState, bool]:
+        """Record a single message and its ledger entry; (new, state, entry still there)."""
+        keys = [
+            self.keys.campaign(TRANSACTIONAL),
+            self.keys.batches(TRANSACTIONAL),
+            self.keys.due(TRANSACTIONAL),
+            self.keys.message(message_id),
+        ]
+        raw = self._enqueue_one(
+            keys=keys,
+            args=[
+                email,
+                json.dumps(payload, separators=(",", ":")),
+                self.redeliver_after_ms,
+                self.retention_s,
+            ],
+        )
+        if _text(raw[0]) == "new":
+            self.redis.zadd(self.keys.active(), {TRANSACTIONAL: 0}, nx=True)
+        return _text(raw[0]) == "new", MessageState(_text(raw[1])), _text(raw[2]) == "1"
 
     def enqueued_upto(self, campaign_id: str) -> int:
         """Rows below this sequence number are published or recorded (resume point)."""
@@ -370,14 +502,8 @@ class StatusStore(_Base):
 
     def finish_enqueue(self, campaign_id: str) -> CampaignStatus:
         """All batches are in the broker: the campaign runs, or completes if nothing is open."""
-        key = self.keys.campaign(campaign_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, "enqueued_all", 1)
-        pipe.hget(key, "state")
-        _, state = pipe.execute()
-        if _text(state) == CampaignState.ENQUEUEING.value:
-            self.redis.hset(key, "state", CampaignState.RUNNING.value)
-        self.finish(campaign_id, [])  # marks completed when everything is already final
+        keys, argv = self._control_args(campaign_id, "enqueued", "", "")
+        _control_result(campaign_id, self._control(keys=keys, args=argv))
         return self.campaign_status(campaign_id)
 
     def campaign_status(self, campaign_id: str) -> CampaignStatus:
@@ -394,55 +520,68 @@ class StatusStore(_Base):
         ids = self.redis.zrevrange(self.keys.campaigns_index(), 0, limit - 1)
         return [_text(i) for i in ids]
 
-    def set_campaign_state(
-        self, campaign_id: str, state: CampaignState, reason: str = "", *, kind: str = "user"
-    ) -> None:
-        key = self.keys.campaign(campaign_id)
-        if not self.redis.exists(key):
-            raise CampaignError(f"no campaign {campaign_id!r}")
-        self.redis.hset(key, mapping={"state": state.value, "reason": reason, "pause_kind": kind})
-
     def pause(
         self, campaign_id: str, reason: str = "paused by user", *, kind: str = "user"
     ) -> bool:
-        """Pause a running campaign. Workers stop between messages and park what is left."""
-        status = self.campaign_status(campaign_id)
-        if status.state in (CampaignState.CANCELLED, CampaignState.COMPLETED):
-            raise CampaignError(f"campaign {campaign_id!r} is {status.state.value}")
-        if status.state is CampaignState.PAUSED:
-            return False
-        self.set_campaign_state(campaign_id, CampaignState.PAUSED, reason, kind=kind)
-        return True
+        """Pause an open campaign. Workers stop between messages and park what is left.
 
-    def resume(self, campaign_id: str) -> list[dict[str, Any]]:
-        """Set the campaign running again and return its parked batches for re-enqueueing."""
-        raw = self._resume(keys=[self.keys.campaign(campaign_id), self.keys.parked(campaign_id)])
+        The standing transactional campaign may be paused too: its messages are deferred
+        and retried until it is resumed.
+        """
+        action = "pause" if kind == "user" else "system-pause"
+        keys, argv = self._control_args(campaign_id, action, reason, kind)
+        result, state = _control_result(campaign_id, self._control(keys=keys, args=argv))
+        if result == "refused":
+            raise CampaignError(f"campaign {campaign_id!r} is {state}")
+        return result == "ok"
+
+    def resume(self, campaign_id: str) -> list[LedgerEntry]:
+        """Set the campaign running; its parked batches move to the ledger, to be published."""
+        keys = [
+            self.keys.campaign(campaign_id),
+            self.keys.parked(campaign_id),
+            self.keys.batches(campaign_id),
+            self.keys.due(campaign_id),
+        ]
+        raw = self._resume(keys=keys, args=[self.redeliver_after_ms, self.retention_s])
         old = _text(raw[0])
         if old == "missing":
             raise CampaignError(f"no campaign {campaign_id!r}")
         if old != CampaignState.PAUSED.value:
             raise CampaignError(f"campaign {campaign_id!r} is {old}, not paused")
-        return [json.loads(_text(item)) for item in raw[1:]]
+        pairs = raw[2:]
+        return [
+            LedgerEntry(_text(pairs[i]), json.loads(_text(pairs[i + 1])))
+            for i in range(0, len(pairs), 2)
+        ]
 
     def cancel(self, campaign_id: str) -> int:
         """Cancel: parked messages end ``cancelled`` now, queued ones when a worker sees them."""
-        status = self.campaign_status(campaign_id)
-        if status.state is CampaignState.COMPLETED:
-            raise CampaignError(f"campaign {campaign_id!r} is already completed")
-        self.set_campaign_state(campaign_id, CampaignState.CANCELLED, "cancelled by user")
+        if campaign_id == TRANSACTIONAL:
+            raise CampaignError(
+                "the transactional campaign cannot be cancelled: it holds every single "
+                "message; pause it to hold them back"
+            )
+        keys, argv = self._control_args(campaign_id, "cancel", "cancelled by user", "user")
+        result, state = _control_result(campaign_id, self._control(keys=keys, args=argv))
+        if result == "refused":
+            raise CampaignError(f"campaign {campaign_id!r} is already {state}")
+        return self.cancel_parked(campaign_id)
+
+    def cancel_parked(self, campaign_id: str) -> int:
+        """End every parked batch of a cancelled campaign, one atomic step per batch."""
         parked_key = self.keys.parked(campaign_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.lrange(parked_key, 0, -1)
-        pipe.delete(parked_key)
-        parked, _ = pipe.execute()
-        outcomes = [
-            Transition(item["message_ids"][i], MessageState.CANCELLED, reason="campaign cancelled")
-            for item in (json.loads(_text(p)) for p in parked)
-            for i in range(len(item["message_ids"]))
-        ]
-        for start in range(0, len(outcomes), 500):
-            self.finish(campaign_id, outcomes[start : start + 500], requeue=True)
-        return len(outcomes)
+        total = 0
+        while (head := self.redis.lindex(parked_key, 0)) is not None:
+            payload = json.loads(_text(head))
+            keys = [
+                self.keys.campaign(campaign_id),
+                parked_key,
+                self.keys.not_sent(campaign_id),
+                *self._message_keys(campaign_id, payload.get("message_ids", [])),
+            ]
+            total += int(self._cancel_parked(keys=keys, args=[self.retention_s, head]))
+        return total
 
     def not_sent(self, campaign_id: str) -> Iterator[MessageRecord]:
         """Every message of the campaign that was not sent, streamed."""
@@ -464,6 +603,10 @@ class StatusStore(_Base):
             record = parse_message(message_id, raw)
             if record is not None:
                 yield record
+
+    def ledger_size(self, campaign_id: str) -> int:
+        """Batches not yet settled (published, running, or waiting to be swept)."""
+        return int(self.redis.hlen(self.keys.batches(campaign_id)))
 
     # Messages --------------------------------------------------------------------------
 
@@ -489,15 +632,25 @@ class StatusStore(_Base):
         *,
         lease_s: float,
         token: str,
-    ) -> tuple[str, list[Claim]]:
-        keys, argv = self._claim_args(campaign_id, items, lease_s, token)
+        batch_id: str = "",
+    ) -> ClaimReply:
+        keys, argv = self._claim_args(campaign_id, items, lease_s, token, batch_id)
         return self._parse_claims(items, self._claim(keys=keys, args=argv))
 
     def finish(
-        self, campaign_id: str, outcomes: Iterable[Transition], *, requeue: bool = False
-    ) -> str:
-        keys, argv = self._finish_args(campaign_id, outcomes, requeue)
-        return _text(self._finish(keys=keys, args=argv)[0])
+        self,
+        campaign_id: str,
+        outcomes: Sequence[Transition],
+        *,
+        requeue: bool = False,
+        settle: Settlement = Settlement(),
+    ) -> CampaignState | None:
+        outcomes = list(outcomes)
+        keys, argv = self._finish_args(campaign_id, outcomes, requeue, settle)
+        raw = self._finish(keys=keys, args=argv)
+        for key, mid in self._ses_index(outcomes):
+            self.redis.set(key, mid, ex=self.retention_s)
+        return parse_campaign_state(raw[0])
 
 
 class AsyncStatusStore(_Base):
@@ -509,12 +662,18 @@ class AsyncStatusStore(_Base):
         *,
         key_prefix: str = "sestasks",
         retention_s: int = 30 * 86400,
+        redeliver_after_s: float = 7200.0,
     ) -> None:
-        super().__init__(key_prefix=key_prefix, retention_s=retention_s)
+        super().__init__(
+            key_prefix=key_prefix, retention_s=retention_s, redeliver_after_s=redeliver_after_s
+        )
         self.redis = client
         self._claim = client.register_script(CLAIM_LUA)
         self._finish = client.register_script(FINISH_LUA)
         self._park = client.register_script(PARK_LUA)
+        self._renew = client.register_script(RENEW_LUA)
+        self._control = client.register_script(CONTROL_LUA)
+        self._take_due = client.register_script(TAKE_DUE_LUA)
 
     async def claim(
         self,
@@ -523,38 +682,67 @@ class AsyncStatusStore(_Base):
         *,
         lease_s: float,
         token: str,
-    ) -> tuple[str, list[Claim]]:
-        keys, argv = self._claim_args(campaign_id, items, lease_s, token)
+        batch_id: str = "",
+    ) -> ClaimReply:
+        keys, argv = self._claim_args(campaign_id, items, lease_s, token, batch_id)
         return self._parse_claims(items, await self._claim(keys=keys, args=argv))
 
     async def finish(
-        self, campaign_id: str, outcomes: Iterable[Transition], *, requeue: bool = False
-    ) -> str:
-        keys, argv = self._finish_args(campaign_id, outcomes, requeue)
-        return _text((await self._finish(keys=keys, args=argv))[0])
+        self,
+        campaign_id: str,
+        outcomes: Sequence[Transition],
+        *,
+        requeue: bool = False,
+        settle: Settlement = Settlement(),
+    ) -> CampaignState | None:
+        outcomes = list(outcomes)
+        keys, argv = self._finish_args(campaign_id, outcomes, requeue, settle)
+        raw = await self._finish(keys=keys, args=argv)
+        index = self._ses_index(outcomes)
+        if index:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, mid in index:
+                pipe.set(key, mid, ex=self.retention_s)
+            await pipe.execute()
+        return parse_campaign_state(raw[0])
 
     async def park(
-        self, campaign_id: str, payload: dict[str, Any], message_ids: Sequence[str], reason: str
-    ) -> str:
-        """Park a paused campaign's messages; returns the campaign state (``paused`` if parked)."""
-        keys, argv = self._park_args(campaign_id, payload, message_ids, reason)
-        return _text(await self._park(keys=keys, args=argv))
+        self,
+        campaign_id: str,
+        payload: dict[str, Any],
+        message_ids: Sequence[str],
+        reason: str,
+        token: str,
+    ) -> CampaignState | None:
+        """Park a paused campaign's messages; returns the campaign state (paused if parked)."""
+        keys, argv = self._park_args(campaign_id, payload, message_ids, reason, token)
+        return parse_campaign_state(await self._park(keys=keys, args=argv))
 
-    async def campaign_fields(self, campaign_id: str, *names: str) -> list[str | None]:
-        raw = await self.redis.hmget(self.keys.campaign(campaign_id), list(names))
-        return [None if v is None else _text(v) for v in raw]
-
-    async def set_campaign_fields(self, campaign_id: str, **fields: str) -> None:
-        await self.redis.hset(self.keys.campaign(campaign_id), mapping=fields)  # type: ignore[arg-type]
+    async def renew(
+        self,
+        campaign_id: str,
+        message_ids: Sequence[str],
+        *,
+        lease_s: float,
+        token: str,
+        batch_id: str = "",
+    ) -> RenewReply:
+        keys = [
+            self.keys.campaign(campaign_id),
+            self.keys.due(campaign_id),
+            *self._message_keys(campaign_id, message_ids),
+        ]
+        raw = await self._renew(keys=keys, args=[int(lease_s * 1000), token, batch_id])
+        lost = [message_ids[int(i) - 1] for i in raw[2:]]
+        return RenewReply(parse_campaign_state(raw[0]), lost)
 
     async def pause(self, campaign_id: str, reason: str, *, kind: str) -> None:
         """Pause by the system (endpoint failure): only a running campaign is paused."""
-        key = self.keys.campaign(campaign_id)
-        state = await self.redis.hget(key, "state")
-        if state is not None and _text(state) in ("running", "enqueueing"):
-            await self.redis.hset(
-                key, mapping={"state": "paused", "reason": reason, "pause_kind": kind}
-            )
+        keys, argv = self._control_args(campaign_id, "system-pause", reason, kind)
+        await self._control(keys=keys, args=argv)
+
+    async def set_campaign_fields(self, campaign_id: str, **fields: str) -> None:
+        await self.redis.hset(self.keys.campaign(campaign_id), mapping=fields)  # type: ignore[arg-type]
 
     async def template(self, campaign_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(self.keys.template(campaign_id))
@@ -565,3 +753,43 @@ class AsyncStatusStore(_Base):
             return []
         raw = await self.redis.hmget(self.keys.suppression(), [e.lower() for e in emails])
         return [v is not None for v in raw]
+
+    # The sweeper -----------------------------------------------------------------------
+
+    async def active_campaigns(self, limit: int = 1000) -> list[str]:
+        return [_text(c) for c in await self.redis.zrange(self.keys.active(), 0, limit - 1)]
+
+    async def take_due(
+        self, campaign_id: str, *, limit: int
+    ) -> tuple[CampaignState | None, list[LedgerEntry]]:
+        keys = [
+            self.keys.campaign(campaign_id),
+            self.keys.batches(campaign_id),
+            self.keys.due(campaign_id),
+        ]
+        standing = "1" if campaign_id == TRANSACTIONAL else "0"
+        raw = await self._take_due(keys=keys, args=[limit, self.redeliver_after_ms, standing])
+        pairs = raw[1:]
+        entries = [
+            LedgerEntry(_text(pairs[i]), json.loads(_text(pairs[i + 1])))
+            for i in range(0, len(pairs), 2)
+        ]
+        return parse_campaign_state(raw[0]), entries
+
+    async def retire_if_settled(self, campaign_id: str) -> bool:
+        """Drop a finished campaign from the sweeper's list once its ledger is empty."""
+        if campaign_id == TRANSACTIONAL:
+            return False
+        state, size = await asyncio.gather(
+            self.redis.hget(self.keys.campaign(campaign_id), "state"),
+            self.redis.hlen(self.keys.batches(campaign_id)),
+        )
+        done = state is None or _text(state) in ("completed", "cancelled")
+        if done and int(size) == 0:
+            await self.redis.zrem(self.keys.active(), campaign_id)
+            return True
+        return False
+
+    async def mark_due_now(self, campaign_id: str, batch_ids: Sequence[str]) -> None:
+        if batch_ids:
+            await self.redis.zadd(self.keys.due(campaign_id), dict.fromkeys(batch_ids, 0), xx=True)

@@ -1,59 +1,77 @@
--- Record outcomes for messages of one campaign, atomically with its counters.
--- KEYS[1] campaign hash, KEYS[2] not-sent index set
--- ARGV[1] message key prefix, ARGV[2] retention s, ARGV[3] "normal" | "requeue",
--- ARGV[4] SES message id index prefix (SES id -> our message id, for feedback)
--- ARGV[5..] groups of 6: message id, new state, code, reason, ses message id, row json
--- A message recorded "sent" never changes again; other final states change only in
--- "requeue" mode (retry-failed, resend-unknown). Marks the campaign completed when the last
--- message becomes final. Returns {campaign_state, applied_count}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Record outcomes of one campaign's messages, hand back unsent ones and settle the batch
+-- ledger, atomically with the counters.
+-- KEYS[1] campaign hash, KEYS[2] not-sent set, KEYS[3] batch ledger hash, KEYS[4] ledger
+-- due zset, KEYS[5..] message hashes: first one per transition, then one per release
+-- ARGV[1] retention s, ARGV[2] "normal" | "requeue", ARGV[3] lease token ('' = any),
+-- ARGV[4] transition count T, ARGV[5] release count R, ARGV[6] batch id done ('' none),
+-- ARGV[7] follow-up count F, ARGV[8] publish grace ms,
+-- then T groups of 5: new state, code, reason, ses message id, row json;
+-- then F groups of 3: follow-up batch id, payload json, delay ms.
+-- Rules: "sent" never changes; other final states change only in "requeue" mode; a
+-- message another worker took over (lease token not ours) is left to that worker unless
+-- we sent it. Releases put our own "sending" messages back to "queued". Follow-ups enter
+-- the ledger (due after their delay plus the publish grace, so the sweeper republishes
+-- one whose publish is lost) in the same step that removes the finished batch.
+-- Returns {campaign_state, applied, now_ms}.
+local now = now_ms()
 local camp = KEYS[1]
-local prefix, ttl, mode, ses_index = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local final = {sent=true, failed=true, suppressed=true, unknown=true, cancelled=true}
+local ttl, mode, token = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local nt, nr, done, nf = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local grace = tonumber(ARGV[8])
 local applied = 0
-for i = 5, #ARGV, 6 do
-  local mid, new = ARGV[i], ARGV[i + 1]
-  local key = prefix .. mid
-  local old = redis.call('HGET', key, 'state') or 'queued'
-  local allowed = old ~= 'sent' and (not final[old] or old == new or mode == 'requeue')
+local a = 9
+for i = 1, nt do
+  local key = KEYS[4 + i]
+  local mid = string.match(key, '[^:]*$')
+  local new, code, reason, ses_id, row = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 5
+  local rec = redis.call('HMGET', key, 'state', 'lease_token')
+  local old = rec[1] or 'queued'
+  local allowed = old ~= 'sent' and (not FINAL[old] or old == new or mode == 'requeue')
+  if allowed and token ~= '' and old == 'sending' and rec[2] and rec[2] ~= token
+     and new ~= 'sent' then
+    allowed = false
+  end
   if allowed then
-    if old ~= new then
-      redis.call('HINCRBY', camp, old, -1)
-      redis.call('HINCRBY', camp, new, 1)
-    end
-    redis.call('HSET', key, 'state', new, 'code', ARGV[i + 2], 'reason', ARGV[i + 3],
-      'updated_at', now)
-    if ARGV[i + 4] ~= '' then
-      redis.call('HSET', key, 'ses_message_id', ARGV[i + 4])
-      redis.call('SET', ses_index .. ARGV[i + 4], mid, 'EX', ttl)
-    end
-    if ARGV[i + 5] ~= '' then redis.call('HSET', key, 'row', ARGV[i + 5]) end
+    move(camp, old, new)
+    redis.call('HSET', key, 'state', new, 'code', code, 'reason', reason, 'updated_at', now)
+    if ses_id ~= '' then redis.call('HSET', key, 'ses_message_id', ses_id) end
+    if row ~= '' then redis.call('HSET', key, 'row', row) end
     if new == 'sent' then
-      redis.call('HDEL', key, 'lease_until', 'lease_token', 'row')
+      redis.call('HDEL', key, 'row')
       redis.call('SREM', KEYS[2], mid)
-    elseif new == 'queued' or new == 'sending' then
+    elseif OPEN[new] and new ~= 'deferred' and new ~= 'retrying' then
       redis.call('SREM', KEYS[2], mid)
     else
       redis.call('SADD', KEYS[2], mid)
     end
     if new ~= 'sending' then redis.call('HDEL', key, 'lease_until', 'lease_token') end
+    if rec[1] == false then redis.call('HSET', key, 'created_at', now) end
     redis.call('EXPIRE', key, ttl)
     applied = applied + 1
   end
 end
-local cstate = redis.call('HGET', camp, 'state') or 'missing'
-if redis.call('HGET', camp, 'enqueued_all') == '1' and
-   (cstate == 'running' or cstate == 'enqueueing' or cstate == 'completed') then
-  local c = redis.call('HMGET', camp, 'queued', 'sending', 'retrying', 'deferred')
-  local open = 0
-  for _, v in ipairs(c) do open = open + tonumber(v or '0') end
-  if open == 0 and cstate ~= 'completed' then
-    redis.call('HSET', camp, 'state', 'completed', 'finished_at', now)
-    cstate = 'completed'
-  elseif open > 0 and cstate == 'completed' then
-    redis.call('HSET', camp, 'state', 'running')
-    cstate = 'running'
+for i = 1, nr do
+  local key = KEYS[4 + nt + i]
+  local rec = redis.call('HMGET', key, 'state', 'lease_token')
+  if rec[1] == 'sending' and rec[2] == token then
+    move(camp, 'sending', 'queued')
+    redis.call('HSET', key, 'state', 'queued', 'updated_at', now)
+    redis.call('HDEL', key, 'lease_until', 'lease_token')
   end
 end
-return {cstate, applied}
+if done ~= '' then
+  redis.call('HDEL', KEYS[3], done)
+  redis.call('ZREM', KEYS[4], done)
+end
+-- After the removal: a single message's follow-up reuses its message id as batch id.
+for _ = 1, nf do
+  redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 1])
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[a + 2]) + grace, ARGV[a])
+  a = a + 3
+end
+if nf > 0 then
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+end
+return {check_completed(camp, now), applied, tostring(now)}

@@ -10,12 +10,13 @@ blocking it; shutdown sends QUIT on every connection.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
 import uuid
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -24,7 +25,11 @@ from ..endpoint import make_tls_context
 from ..quota import DailyQuota
 from ..ratelimit import FleetRateLimiter
 from ..smtp.pool import SmtpPool
-from ..tracking import AsyncStatusStore
+from ..tracking import AsyncStatusStore, parse_message
+from .sweeper import Sweeper
+
+if TYPE_CHECKING:
+    from ..delivery import BatchJob
 
 __all__ = ["WorkerRuntime", "get_runtime", "shutdown_runtime"]
 
@@ -40,14 +45,21 @@ class WorkerRuntime:
         #: Identifies this process's leases on messages it is sending.
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._run_loop, name="ses-tasks-loop", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run_loop, name="ses-tasks-loop", daemon=True)
         self._started = False
         self._closed = False
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=10.0,
+            socket_connect_timeout=5.0,
+            socket_keepalive=True,
+            health_check_interval=15,
+        )
         self.store = AsyncStatusStore(
-            self.redis, key_prefix=settings.key_prefix, retention_s=settings.retention_s
+            self.redis,
+            key_prefix=settings.key_prefix,
+            retention_s=settings.retention_s,
+            redeliver_after_s=settings.redeliver_after,
         )
         self.limiter = FleetRateLimiter(
             self.redis,
@@ -76,6 +88,7 @@ class WorkerRuntime:
             send_timeout_s=settings.send_timeout,
         )
         self.templates: dict[str, Any] = {}
+        self._sweeper_task: concurrent.futures.Future[None] | None = None
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -90,10 +103,35 @@ class WorkerRuntime:
         asyncio.run_coroutine_threadsafe(self.pool.start(), self.loop)
         log.info("worker runtime started: %r", self.pool)
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on this process's loop and wait for its result."""
+    def run(self, coro: Coroutine[Any, Any, T], *, timeout_s: float | None = None) -> T:
+        """Run ``coro`` on this process's loop and wait for its result (bounded)."""
         self.start()
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout=timeout_s or self.settings.task_timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def start_sweeper(self, publish: Callable[[BatchJob], None]) -> None:
+        """Run the fleet's sweeper loop here (it sweeps only while it holds the lock)."""
+        self.start()
+        if self._sweeper_task is None:
+            sweeper = Sweeper(self, publish)
+            self._sweeper_task = asyncio.run_coroutine_threadsafe(sweeper.run_forever(), self.loop)
+
+    async def stored_record(self, message_id: str) -> dict[str, Any]:
+        """A message's record as a task result (``queued`` if there is none)."""
+        raw = await self.redis.hgetall(self.store.keys.message(message_id))
+        record = parse_message(message_id, raw)
+        state = record.state.value if record else "queued"
+        return {
+            "message_id": message_id,
+            "state": state,
+            "ses_message_id": record.ses_message_id if record else None,
+            "code": record.code if record else 0,
+            "reason": record.reason if record else "",
+        }
 
     def close(self) -> None:
         """QUIT every connection, close Redis, stop the loop. Idempotent."""
@@ -101,6 +139,9 @@ class WorkerRuntime:
             self._closed = True
             return
         self._closed = True
+
+        if self._sweeper_task is not None:
+            self._sweeper_task.cancel()
 
         async def _close() -> None:
             try:

@@ -134,14 +134,14 @@ def test_claim_for_a_campaign_lost_with_redis_sends_nothing(redis_client, key_pr
     from ses_tasks.tracking import StatusStore
 
     store = StatusStore(redis_client, key_prefix=key_prefix)
-    state, claims = store.claim(
+    reply = store.claim(
         "vanished",
         [("vanished.0", "a@example.com", False), ("vanished.1", "b@example.com", False)],
         lease_s=5,
         token="t",
     )
-    assert state == "missing"
-    assert [c.decision for c in claims] == ["skip:missing", "skip:missing"]
+    assert reply.campaign_state is None
+    assert [c.decision for c in reply.claims] == ["skip:missing", "skip:missing"]
     assert not redis_client.exists(store.keys.campaign("vanished"))
     assert not redis_client.exists(store.keys.message("vanished.0"))
 
@@ -150,9 +150,9 @@ def test_single_message_whose_records_were_lost_is_counted_again(redis_client, k
     from ses_tasks.tracking import StatusStore
 
     store = StatusStore(redis_client, key_prefix=key_prefix)
-    _, (claim,) = store.claim(
+    (claim,) = store.claim(
         "transactional", [("transactional.abc", "a@example.com", False)], lease_s=5, token="t"
-    )
+    ).claims
     assert claim.go
     status = store.campaign_status("transactional")
     assert status.total == 1 and status.counts["sending"] == 1

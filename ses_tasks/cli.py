@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
+import select
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -329,6 +334,19 @@ def campaign_list(as_json: bool) -> None:
 # worker ----------------------------------------------------------------------------------
 
 QUEUE_CHOICES = ("all", "bulk", "transactional")
+#: Pauses before restarting a Celery worker that died, growing with each quick failure.
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: A worker that ran this long before dying restarts after the shortest pause again.
+STABLE_RUN_S = 60.0
+#: Exit statuses not worth a restart: our configuration errors, Celery's usage error.
+NO_RESTART_STATUSES = frozenset({EXIT_USER_ERROR, 64})
+#: Signals that stop the supervisor (after the worker's warm or cold shutdown).
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
+#: Signals passed on to the Celery worker as they are.
+FORWARDED_SIGNALS = (*STOP_SIGNALS, "SIGHUP", "SIGUSR1", "SIGUSR2")
+PR_SET_PDEATHSIG = 1
+
+supervisor_log = logging.getLogger("ses_tasks.supervisor")
 
 
 @main.command()
@@ -338,6 +356,12 @@ QUEUE_CHOICES = ("all", "bulk", "transactional")
 @click.option("--name", "-n", default=None, help="Celery node name.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option(
+    "--supervise/--no-supervise",
+    default=True,
+    show_default=True,
+    help="Run Celery's worker in a child process and restart it if it dies.",
+)
 @user_errors
 def worker(
     mode: str | None,
@@ -346,8 +370,15 @@ def worker(
     name: str | None,
     loglevel: str,
     metrics_port: int | None,
+    supervise: bool,
 ) -> None:
-    """A Celery worker for one port mode, with safe settings."""
+    """A Celery worker for one port mode, with safe settings.
+
+    By default this process supervises the Celery worker: it runs it in a child process,
+    restarts it (with backoff) if it exits on its own with an error or is killed, and
+    passes SIGTERM/SIGINT/SIGQUIT (then exits with the worker's status), SIGHUP and
+    SIGUSR1/2 on to it. Killing this process kills the worker with it (Linux).
+    """
     if mode is not None:
         os.environ["SES_TASKS_MODE"] = mode
         if "SES_TASKS_PORT" not in os.environ and not os.environ.get("SES_TASKS_HOST"):
@@ -357,9 +388,26 @@ def worker(
     settings = _settings()
     if metrics_port is not None:
         os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
-    from .app import app, bulk_queue, transactional_queue
-
     logging.getLogger().setLevel(loglevel.upper())
+    if supervise:
+        argv = [
+            sys.executable, "-m", "ses_tasks.cli", "worker", "--no-supervise",
+            "--concurrency", str(concurrency), "--queues", queues, "--loglevel", loglevel,
+        ]  # fmt: skip
+        if mode is not None:
+            argv += ["--mode", mode]
+        if name:
+            argv += ["--name", name]
+        if metrics_port is not None:
+            argv += ["--metrics-port", str(metrics_port)]
+        sys.exit(_Supervisor(argv).run())
+
+    from celery import signals
+
+    from .app import app, bulk_queue, transactional_queue
+    from .connections import patch_kombu_redis
+
+    patch_kombu_redis()
     serve = settings.endpoint.mode
     names = {
         "all": [transactional_queue(serve), bulk_queue(serve)],
@@ -382,7 +430,130 @@ def worker(
     ]
     if name:
         argv += ["--hostname", name]
+    # app.worker_main() drops the worker's exit status: after an "Unrecoverable error" this
+    # process would end with 0, a clean exit to the supervisor. Keep it.
+    exit_codes: list[int | None] = []
+
+    def remember_exit_code(sender: Any = None, **_: Any) -> None:
+        exit_codes.append(getattr(sender, "exitcode", None))
+
+    signals.worker_shutdown.connect(remember_exit_code, weak=False)
     app.worker_main(argv)
+    sys.exit(exit_codes[-1] or 0 if exit_codes else 0)
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's ``returncode`` as a shell would report it (killed by N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class _Supervisor:
+    """Runs ``argv`` (the Celery worker) and restarts it until asked to stop."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._prctl = _load_prctl()
+
+    def run(self) -> int:
+        for name in FORWARDED_SIGNALS:
+            signal.signal(getattr(signal, name), self._on_signal)
+        failures = 0
+        restarts = 0
+        while True:
+            started = time.monotonic()
+            child = self._spawn()
+            supervisor_log.info("celery worker started (pid %d)", child.pid)
+            returncode = child.wait()
+            if self.stopping:
+                return _exit_status(returncode)
+            if returncode == 0:
+                supervisor_log.info("celery worker (pid %d) exited cleanly", child.pid)
+                return 0
+            if returncode in NO_RESTART_STATUSES:
+                supervisor_log.error(
+                    "celery worker (pid %d) %s; not restarting it (a configuration or "
+                    "usage error)", child.pid, _describe_exit(returncode),
+                )  # fmt: skip
+                return returncode
+            ran_s = time.monotonic() - started
+            failures = 1 if ran_s >= STABLE_RUN_S else failures + 1
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S)) - 1]
+            restarts += 1
+            supervisor_log.warning(
+                "celery worker (pid %d) %s after %.0f s; restarting it in %.0f s (restart %d)",
+                child.pid, _describe_exit(returncode), ran_s, delay, restarts,
+            )  # fmt: skip
+            if self._pause(delay):
+                return 0
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        parent = os.getpid()
+        prctl = self._prctl
+
+        def die_with_parent() -> None:  # runs in the child, between fork and exec
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+                if os.getppid() != parent:  # the supervisor died before prctl
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        self.child = subprocess.Popen(
+            self.argv,
+            preexec_fn=die_with_parent if prctl is not None else None,
+            # Its own process group, so a Ctrl-C on a terminal reaches the worker once
+            # (passed on by us) rather than twice; without prctl (not Linux), our group,
+            # so that killing the group still takes the worker along.
+            process_group=0 if prctl is not None else None,
+        )
+        return self.child
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signal.Signals(signum).name in STOP_SIGNALS:
+            self.stopping = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+        child = self.child
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    def _pause(self, delay_s: float) -> bool:
+        """Wait ``delay_s`` or until asked to stop; True if asked to stop."""
+        deadline = time.monotonic() + delay_s
+        while not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([self._wake_r], [], [], left)
+            if readable:
+                os.read(self._wake_r, 64)
+        return True
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """``prctl(2)`` (Linux), loaded before any fork; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
 
 
 # suppression -----------------------------------------------------------------------------

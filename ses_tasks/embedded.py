@@ -233,7 +233,14 @@ def _read_jsonl(path: Path | None) -> list[dict[str, Any]]:
 
 @dataclass
 class WorkerProcess:
-    """``ses-tasks worker`` in a subprocess with the given environment."""
+    """``ses-tasks worker`` in a subprocess with the given environment.
+
+    The process tree: ``pid`` is ``ses-tasks worker``, the supervisor; its child,
+    ``main_pid()``, is Celery's main process (it holds the broker connection and the
+    unacknowledged tasks, and is restarted by the supervisor if it dies); that one's
+    children, ``child_pids()``, are the prefork pool's processes. Killing the supervisor
+    kills the whole tree (Linux).
+    """
 
     env: Mapping[str, str]
     mode: str = "tls"
@@ -277,13 +284,15 @@ class WorkerProcess:
         assert self._process is not None
         return self._process.pid
 
+    def main_pid(self) -> int | None:
+        """Celery's main process (the supervisor's child), if it is running."""
+        children = _children(self.pid)
+        return children[0] if children else None
+
     def child_pids(self) -> list[int]:
         """The prefork pool's processes (Linux: read from /proc)."""
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        try:
-            return [int(p) for p in children.read_text().split()]
-        except OSError:
-            return []
+        main = self.main_pid()
+        return _children(main) if main is not None else []
 
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -303,6 +312,21 @@ class WorkerProcess:
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
         return self._process.returncode
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid``, from every thread's ``children`` file (Linux)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
 @contextlib.contextmanager

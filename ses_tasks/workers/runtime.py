@@ -50,8 +50,8 @@ class WorkerRuntime:
         self._closed = False
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             settings.redis_url,
-            socket_timeout=10.0,
-            socket_connect_timeout=5.0,
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
             socket_keepalive=True,
             health_check_interval=15,
         )

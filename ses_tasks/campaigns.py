@@ -120,7 +120,7 @@ class CampaignProducer:
             if seq >= published_upto:
                 if isinstance(row, Recipient):
                     batch.append(BatchItem(seq, row.email, row.variables))
-                elif seq >= counted_upto:
+                else:  # recorded again on resume (idempotent); counted once, below
                     bad.append(
                         Transition(
                             f"{campaign_id}.{seq}",
@@ -147,7 +147,9 @@ class CampaignProducer:
         counted_upto: int,
         progress: ProgressCallback | None,
     ) -> None:
-        new = sum(1 for item in batch if int(item.seq) >= counted_upto) + len(bad)
+        new = sum(1 for item in batch if int(item.seq) >= counted_upto) + sum(
+            1 for t in bad if int(t.message_id.rsplit(".", 1)[1]) >= counted_upto
+        )
         job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}") if batch else None
         pipe = self.store.redis.pipeline(transaction=True)
         if new:
@@ -228,9 +230,8 @@ class CampaignControl:
         if status.state is CampaignState.CANCELLED:
             raise CampaignError(f"campaign {campaign_id!r} is cancelled")
         states = {MessageState.FAILED} | ({MessageState.UNKNOWN} if include_unknown else set())
-        rows = [
-            r for r in self.store.not_sent(campaign_id) if r.state in states and r.row and r.row[1]
-        ]
+        unique = {r.message_id: r for r in self.store.not_sent(campaign_id)}  # SSCAN repeats
+        rows = [r for r in unique.values() if r.state in states and r.row and r.row[1]]
         if not rows:
             return 0
         size = self.producer.settings.batch_size

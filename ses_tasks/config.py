@@ -140,6 +140,14 @@ class Settings(BaseSettings):
                     raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
         return data
 
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_key_prefix(cls, value: str) -> str:
+        # Braces would replace the campaign hash tag (Redis Cluster slots).
+        if not value or len(value) > 64 or any(c in value for c in "{} \t\r\n"):
+            raise ValueError("a key prefix is 1-64 characters without braces or whitespace")
+        return value
+
     @field_validator("configuration_set")
     @classmethod
     def _check_configuration_set(cls, value: str | None) -> str | None:

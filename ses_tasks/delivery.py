@@ -427,6 +427,13 @@ class _Run:
             (self.mid(item), item.email, all(suppressed_of[x] for x in recipients(item)))
             for item in job.items
         ]
+        if any(item.spec is None for item in job.items):  # before claiming: a claim
+            # abandoned for a missing template would look like a dead worker's
+            await persist(
+                "template",
+                lambda: campaign_template(rt, job.campaign_id),
+                budget_s=self.hot_budget_s,
+            )
         reply = await persist(
             "claim",
             lambda: rt.store.claim(
@@ -741,7 +748,7 @@ class _Run:
             observer.retry_scheduled(why, len(items))
         return LedgerEntry(batch_id, follow.payload(), delay_s)
 
-    async def settle(self) -> None:
+    async def settle(self, *, done: bool = True) -> None:
         job, policy, s = self.job, self.policy, self.rt.settings
         transactional = job.priority is Priority.TRANSACTIONAL
         release: list[str] = []
@@ -780,14 +787,20 @@ class _Run:
         if lost_items:  # covered again in case the worker that took them over dies too
             entries.append(self._follow_up(lost_items, self.lease_s, "taken over"))
         settle = Settlement(
-            token=self.token, release=release, done_batch=job.batch_id, follow_ups=entries
+            token=self.token,
+            release=release,
+            done_batch=job.batch_id if done else "",
+            follow_ups=entries,
         )
         batch = self.pending
+        # Retry while our claim surely holds (the keeper renews it meanwhile); past that
+        # another worker may take the batch over, and recording late could not stop it.
+        budget_s = max(1.0, min(self.record_budget_s, self.lease_fresh_until - time.monotonic()))
         try:
             state = await persist(
                 "record outcomes",
                 lambda: self.rt.store.finish(job.campaign_id, batch, settle=settle),
-                budget_s=self.record_budget_s,
+                budget_s=budget_s,
             )
         except StoreUnavailableError as exc:
             self.report.unrecorded = len(batch)
@@ -890,6 +903,7 @@ async def deliver(rt: DeliveryRuntime, job: BatchJob) -> BatchReport:
     Raises ``StoreUnavailableError`` only before anything was sent (the claim could not be
     made): the caller retries the task.
     """
+    job = _without_repeats(job)
     run = _Run(rt, job)
     if not job.items:
         return run.report
@@ -904,11 +918,29 @@ async def deliver(rt: DeliveryRuntime, job: BatchJob) -> BatchReport:
         run.report.stopped = "missing"
         return run.report
     keeper = asyncio.create_task(run.keep_lease()) if run.held else None
+    completed = False
     try:
         await run.send_all(ready)
+        completed = True
     finally:
-        if keeper is not None:
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
-        await run.settle()
+        try:
+            # Settled only if every send was accounted for; otherwise the ledger entry
+            # stays, and the sweeper takes the batch over once the lease has run out.
+            await run.settle(done=completed)
+        finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
     return run.report
+
+
+def _without_repeats(job: BatchJob) -> BatchJob:
+    """One item per message: a batch naming a message twice would send it twice."""
+    seen: set[str] = set()
+    items = []
+    for item in job.items:
+        mid = job.message_id(item)
+        if mid not in seen:
+            seen.add(mid)
+            items.append(item)
+    return job if len(items) == len(job.items) else replace(job, items=tuple(items))

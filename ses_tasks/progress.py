@@ -90,6 +90,7 @@ def status_table(status: CampaignStatus) -> None:
     table.add_row("total", str(status.total))
     for name in COUNTERS:
         table.add_row(name, str(status.counts.get(name, 0)))
+    table.add_row("swept", f"{status.swept} batches republished by the sweeper")
     if status.reason:
         table.add_row("reason", status.reason)
     Console().print(table)

@@ -101,7 +101,9 @@ class SuppressionList:
         names = [normalize(email) for email in emails if email.strip()]
         if not names:
             return 0
-        pipe = self.redis.pipeline(transaction=True)
+        # The suppression hash and each address's transient-bounce key live in different
+        # Redis Cluster slots: no MULTI/EXEC across them (the transient count is a hint).
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hdel(self.key, *names)
         for name in names:
             pipe.delete(self.keys.transient_bounces(name))

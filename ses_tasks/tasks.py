@@ -9,11 +9,14 @@ for the final record.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import threading
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
@@ -29,6 +32,7 @@ from .delivery import BatchItem, BatchJob, BatchReport, StoreUnavailableError, d
 from .keys import TRANSACTIONAL
 from .publish import publish_job
 from .ratelimit import Priority
+from .states import OPEN_STATES, MessageState
 from .workers.runtime import WorkerRuntime, get_runtime, shutdown_runtime
 
 __all__ = ["send_batch", "send_message"]
@@ -91,9 +95,27 @@ def _again(task: Task, job: BatchJob, runtime: WorkerRuntime, exc: Exception) ->
         raise Reject(publish_exc, requeue=True) from None
 
 
+class _StillRunning(Exception):
+    """The batch outlived TASK_TIMEOUT_S; it finishes on the loop and settles itself."""
+
+
 def _run(runtime: WorkerRuntime, job: BatchJob) -> BatchReport:
     with logs.log_context(campaign_id=job.campaign_id):
-        return runtime.run(deliver(runtime, job))
+        future = asyncio.run_coroutine_threadsafe(deliver(runtime, job), runtime.loop)
+        try:
+            return future.result(timeout=runtime.settings.task_timeout_s)
+        except concurrent.futures.TimeoutError:
+            log.warning("batch of %s still running after TASK_TIMEOUT_S", job.campaign_id)
+            future.add_done_callback(lambda f: _later(runtime, f))
+            raise _StillRunning from None
+
+
+def _later(runtime: WorkerRuntime, future: concurrent.futures.Future[BatchReport]) -> None:
+    """Publish a late batch's follow-ups (off the loop thread: publishing blocks)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    report = future.result()
+    threading.Thread(target=_publish_follow_ups, args=(runtime, report), daemon=True).start()
 
 
 @app.task(name=BATCH_TASK, bind=True, max_retries=None, acks_late=True)
@@ -117,6 +139,8 @@ def send_batch(
     except StoreUnavailableError as exc:
         _again(self, job, runtime, exc)
         return {"campaign_id": campaign_id, "sent": 0, "retried": True}
+    except _StillRunning:
+        return {"campaign_id": campaign_id, "still_running": True}
     _publish_follow_ups(runtime, report)
     return {
         "campaign_id": campaign_id,
@@ -148,10 +172,17 @@ def send_message(
     except StoreUnavailableError as exc:
         _again(self, job, runtime, exc)
         raise Retry(str(exc), when=STORE_DOWN_RETRY_S) from None
+    except _StillRunning:
+        raise Ignore() from None  # its own settlement (or follow-up) sets the result
     if report.follow_ups:
         _publish_follow_ups(runtime, report)
         (follow_up,) = report.follow_ups
         raise Retry(follow_up.why, when=follow_up.countdown_s)
     if report.record is not None:
         return report.record
-    return runtime.run(runtime.stored_record(message_id))
+    record = runtime.run(runtime.stored_record(message_id))
+    if MessageState(record["state"]) in OPEN_STATES:
+        # A copy of a message another run (or its follow-up, same task id) is handling:
+        # leave the result to that run, so get() never returns a state that is not final.
+        raise Ignore()
+    return record

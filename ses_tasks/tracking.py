@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from .errors import CampaignError
 from .keys import CAMPAIGN_ID_RE, TRANSACTIONAL, Keys, campaign_of
 from .scripts import tracking_script
-from .states import CampaignState, ClaimDecision, MessageState
+from .states import OPEN_STATES, CampaignState, ClaimDecision, MessageState
 
 __all__ = [
     "COUNTERS",
@@ -201,11 +201,13 @@ class CampaignStatus:
     finished_at: float | None = None
     enqueued_all: bool = False
     meta: dict[str, str] = field(default_factory=dict)
+    #: Batches the sweeper republished (their publish was lost, or their worker died).
+    swept: int = 0
 
     @property
     def open(self) -> int:
         """Messages not yet in a final state."""
-        return sum(self.counts.get(s, 0) for s in ("queued", "sending", "retrying", "deferred"))
+        return sum(self.counts.get(s, 0) for s in OPEN_STATES)
 
     @property
     def done(self) -> bool:
@@ -220,6 +222,7 @@ class CampaignStatus:
             **{name: self.counts.get(name, 0) for name in COUNTERS},
             "created_at": self.created_at,
             "finished_at": self.finished_at,
+            "swept": self.swept,
             **self.meta,
         }
 
@@ -264,6 +267,7 @@ def parse_campaign(campaign_id: str, raw: dict[Any, Any]) -> CampaignStatus | No
         created_at=_ms_to_s(data.get("created_at")),
         finished_at=_ms_to_s(data.get("finished_at")),
         enqueued_all=data.get("enqueued_all") == "1",
+        swept=int(data.get("swept") or 0),
         meta={k: data[k] for k in _META_FIELDS if data.get(k)},
     )
 
@@ -438,15 +442,16 @@ class StatusStore(_Base):
         }
         if not self.redis.hsetnx(key, "id", campaign_id):
             raise CampaignError(f"campaign {campaign_id!r} already exists")
+        # On the sweeper's list first: a producer dying after this leaves nothing unswept.
+        # (Other slots than the campaign's, for Redis Cluster: separate commands.)
+        self.redis.zadd(self.keys.active(), {campaign_id: now_ms})
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
         pipe.expire(key, self.retention_s)
         if template is not None:
             pipe.set(self.keys.template(campaign_id), json.dumps(template), ex=self.retention_s)
         pipe.execute()
-        # Other slots than the campaign's (Redis Cluster): separate commands.
         self.redis.zadd(self.keys.campaigns_index(), {campaign_id: now_ms})
-        self.redis.zadd(self.keys.active(), {campaign_id: now_ms})
 
     def add_queued(self, campaign_id: str, count: int, pipe: Any = None) -> None:
         """Count ``count`` new queued messages; pass the pipeline that enqueues them."""
@@ -463,6 +468,10 @@ class StatusStore(_Base):
         target.zadd(self.keys.due(campaign_id), {entry.batch_id: due_ms})
         target.expire(self.keys.batches(campaign_id), self.retention_s)
         target.expire(self.keys.due(campaign_id), self.retention_s)
+
+    def activate(self, campaign_id: str) -> None:
+        """Put a campaign (back) on the sweeper's list before writing ledger entries."""
+        self.redis.zadd(self.keys.active(), {campaign_id: int(time.time() * 1000)}, nx=True)
 
     def mark_due_now(self, campaign_id: str, batch_ids: Sequence[str]) -> None:
         """A publish failed: let the sweeper republish these at its next pass."""
@@ -543,6 +552,7 @@ class StatusStore(_Base):
             self.keys.batches(campaign_id),
             self.keys.due(campaign_id),
         ]
+        self.activate(campaign_id)
         raw = self._resume(keys=keys, args=[self.redeliver_after_ms, self.retention_s])
         old = _text(raw[0])
         if old == "missing":
@@ -646,6 +656,8 @@ class StatusStore(_Base):
         settle: Settlement = Settlement(),
     ) -> CampaignState | None:
         outcomes = list(outcomes)
+        if settle.follow_ups:
+            self.activate(campaign_id)
         keys, argv = self._finish_args(campaign_id, outcomes, requeue, settle)
         raw = self._finish(keys=keys, args=argv)
         for key, mid in self._ses_index(outcomes):
@@ -756,8 +768,16 @@ class AsyncStatusStore(_Base):
 
     # The sweeper -----------------------------------------------------------------------
 
-    async def active_campaigns(self, limit: int = 1000) -> list[str]:
-        return [_text(c) for c in await self.redis.zrange(self.keys.active(), 0, limit - 1)]
+    async def active_campaigns(self, *, page: int = 1000) -> list[str]:
+        """Every campaign on the sweeper's list (read a page at a time)."""
+        out: list[str] = []
+        start = 0
+        while True:
+            ids = await self.redis.zrange(self.keys.active(), start, start + page - 1)
+            out += [_text(c) for c in ids]
+            if len(ids) < page:
+                return out
+            start += page
 
     async def take_due(
         self, campaign_id: str, *, limit: int
@@ -785,10 +805,15 @@ class AsyncStatusStore(_Base):
             self.redis.hlen(self.keys.batches(campaign_id)),
         )
         done = state is None or _text(state) in ("completed", "cancelled")
-        if done and int(size) == 0:
-            await self.redis.zrem(self.keys.active(), campaign_id)
-            return True
-        return False
+        if not (done and int(size) == 0):
+            return False
+        await self.redis.zrem(self.keys.active(), campaign_id)
+        # retry-failed may have written an entry meanwhile (it adds the campaign first,
+        # then writes): look again after removing, and put it back if so.
+        if int(await self.redis.hlen(self.keys.batches(campaign_id))):
+            await self.redis.zadd(self.keys.active(), {campaign_id: 0})
+            return False
+        return True
 
     async def mark_due_now(self, campaign_id: str, batch_ids: Sequence[str]) -> None:
         if batch_ids:

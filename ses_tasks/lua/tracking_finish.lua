@@ -7,7 +7,8 @@
 -- ARGV[7] follow-up count F, ARGV[8] publish grace ms,
 -- then T groups of 5: new state, code, reason, ses message id, row json;
 -- then F groups of 3: follow-up batch id, payload json, delay ms.
--- Rules: "sent" never changes; other final states change only in "requeue" mode; a
+-- Rules: "sent" never changes; other final states change only in "requeue" mode, which
+-- changes nothing else (an open message is left alone); a
 -- message another worker took over (lease token not ours) is left to that worker unless
 -- we sent it. Releases put our own "sending" messages back to "queued". Follow-ups enter
 -- the ledger (due after their delay plus the publish grace, so the sweeper republishes
@@ -27,7 +28,13 @@ for i = 1, nt do
   a = a + 5
   local rec = redis.call('HMGET', key, 'state', 'lease_token')
   local old = rec[1] or 'queued'
-  local allowed = old ~= 'sent' and (not FINAL[old] or old == new or mode == 'requeue')
+  local allowed
+  if mode == 'requeue' then
+    -- retry-failed reopens final messages only: never one a worker holds or will send.
+    allowed = old ~= 'sent' and (FINAL[old] or old == new)
+  else
+    allowed = old ~= 'sent' and (not FINAL[old] or old == new)
+  end
   if allowed and token ~= '' and old == 'sending' and rec[2] and rec[2] ~= token
      and new ~= 'sent' then
     allowed = false

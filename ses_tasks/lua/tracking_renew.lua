@@ -11,7 +11,8 @@ for i = 3, #KEYS do
   local rec = redis.call('HMGET', KEYS[i], 'state', 'lease_token')
   if rec[1] == 'sending' and rec[2] == token then
     redis.call('HSET', KEYS[i], 'lease_until', now + lease_ms)
-  elseif rec[1] == 'sending' then
+  else
+    -- Taken over (or already settled by whoever took it over): not ours to send.
     table.insert(out, i - 2)
   end
 end

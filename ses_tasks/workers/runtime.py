@@ -107,11 +107,9 @@ class WorkerRuntime:
         """Run ``coro`` on this process's loop and wait for its result (bounded)."""
         self.start()
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout=timeout_s or self.settings.task_timeout_s)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
+        # On timeout the coroutine is not cancelled: a batch cut short mid-send would leave
+        # sends unrecorded. It finishes on the loop; the caller stops waiting for it.
+        return future.result(timeout=timeout_s or self.settings.task_timeout_s)
 
     def start_sweeper(self, publish: Callable[[BatchJob], None]) -> None:
         """Run the fleet's sweeper loop here (it sweeps only while it holds the lock)."""

@@ -45,7 +45,7 @@ MESSAGE_TASK = "ses_tasks.send_message"
 BATCH_TASK = "ses_tasks.send_batch"
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
-#: Publishing retries: 0 + 0.5 + 1 + 1.5 + 2 x 5 s, about 13 s before a send fails.
+#: Publishing retries: pauses of 0, 0.5, 1, 1.5, 2, 2, 2, 2 s: about 11 s before a send fails.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 8,
     "interval_start": 0,

@@ -38,8 +38,8 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "Attachment",
     "CampaignError",
-    "CampaignTemplate",
     "CampaignState",
+    "CampaignTemplate",
     "ConfigurationError",
     "DeliveryError",
     "EndpointFatalError",

@@ -25,6 +25,7 @@ from celery.result import AsyncResult
 from .app import create_app
 from .campaigns import CampaignControl, CampaignProducer, ProgressCallback
 from .config import Settings, load_settings
+from .connections import sync_redis
 from .delivery import BatchItem, BatchJob
 from .keys import TRANSACTIONAL
 from .message import CampaignTemplate, MessageSpec, render_message
@@ -72,7 +73,7 @@ class SesTasks:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url)
+        return sync_redis(self.settings.redis_url, settings=self.settings)
 
     @cached_property
     def store(self) -> StatusStore:

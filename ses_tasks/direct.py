@@ -6,9 +6,8 @@ import asyncio
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from .config import Settings
+from .connections import async_redis
 from .endpoint import make_tls_context
 from .message import MessageSpec, render_message
 from .smtp.pool import SmtpPool
@@ -69,7 +68,7 @@ def limits_status(settings: Settings) -> dict[str, Any]:
     from .ratelimit import FleetRateLimiter
 
     async def run() -> dict[str, Any]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = async_redis(settings.redis_url, settings=settings)
         try:
             limiter = FleetRateLimiter(
                 client,

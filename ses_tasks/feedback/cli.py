@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import load_settings
+from ..connections import sync_redis
 from ..errors import SesTasksError
 
 __all__ = ["feedback", "suppress_export"]
@@ -122,13 +123,12 @@ def status_command(campaign_id: str) -> None:
 @user_errors
 def suppress_export(output: str | None) -> None:
     """Export the suppression list as CSV: email,reason,source,added_at."""
-    import redis
 
     from ..suppression import SuppressionList
 
     settings = load_settings()
     suppression = SuppressionList(
-        redis.Redis.from_url(settings.redis_url), key_prefix=settings.key_prefix
+        sync_redis(settings.redis_url, settings=settings), key_prefix=settings.key_prefix
     )
     if output is None:
         suppression.export_csv(sys.stdout)

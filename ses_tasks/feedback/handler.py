@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from ..config import Settings, load_settings
+from ..connections import sync_redis
 from ..errors import SesTasksError
 from .apply import ApplyResult, FeedbackApplier
 from .events import ParseError, parse_event, unwrap
@@ -95,7 +96,7 @@ class FeedbackHandler:
     ) -> FeedbackHandler:
         settings = settings or load_settings()
         fb = feedback_settings or load_feedback_settings()
-        client = client or redis.Redis.from_url(settings.redis_url)
+        client = client or sync_redis(settings.redis_url, settings=settings)
         applier = FeedbackApplier(client, key_prefix=settings.key_prefix, settings=fb)
         verifier = SnsVerifier(
             fetcher=fetcher,

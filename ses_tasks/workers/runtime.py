@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis.asyncio as aioredis
 
 from ..config import Settings, load_settings
+from ..connections import async_redis
 from ..endpoint import make_tls_context
 from ..quota import DailyQuota
 from ..ratelimit import FleetRateLimiter
@@ -48,13 +49,7 @@ class WorkerRuntime:
         self._thread = threading.Thread(target=self._run_loop, name="ses-tasks-loop", daemon=True)
         self._started = False
         self._closed = False
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_socket_timeout_s,
-            socket_connect_timeout=settings.redis_socket_timeout_s,
-            socket_keepalive=True,
-            health_check_interval=15,
-        )
+        self.redis: aioredis.Redis = async_redis(settings.redis_url, settings=settings)
         self.store = AsyncStatusStore(
             self.redis,
             key_prefix=settings.key_prefix,

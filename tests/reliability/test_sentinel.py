@@ -207,11 +207,8 @@ def test_clients_follow_a_failover(sentinel_group: SentinelGroup):
     client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ses_tasks/client.py: SesTasks.redis built with connections.sync_redis",
-)
 def test_status_store_through_sentinel(sentinel_group: SentinelGroup, key_prefix: str):
+    """Needs SesTasks.redis built with ``connections.sync_redis`` (client.py)."""
     from ses_tasks.config import load_settings
 
     client = SesTasks(load_settings(redis_url=sentinel_group.url(), key_prefix=key_prefix))
@@ -283,15 +280,14 @@ def test_worker_keeps_consuming_through_a_sentinel_failover(
     assert list(new_primary.scan_iter(match=f"{prefix}:broker:*", count=1000))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs SesTasks.redis (client.py) and WorkerRuntime.redis (workers/runtime.py) "
-    "built with ses_tasks.connections",
-)
 def test_everything_through_sentinel_survives_a_failover(
     sentinel_group: SentinelGroup, make_pipeline
 ):
-    """Broker, results and the status store all on the sentinel group, then a failover."""
+    """Broker, results and the status store all on the sentinel group, then a failover.
+
+    Needs SesTasks.redis (client.py) and WorkerRuntime.redis (workers/runtime.py) built
+    with ``ses_tasks.connections``.
+    """
     pipeline = _sentinel_pipeline(
         make_pipeline, sentinel_group, SES_TASKS_REDIS_URL=sentinel_group.url()
     )

@@ -276,14 +276,30 @@ class PoolOps(Protocol):
 
 
 class DeliveryRuntime(Protocol):
-    settings: Settings
-    #: Identifies this process; each batch run adds a nonce of its own.
-    token: str
-    store: StoreOps
-    limiter: LimiterOps
-    quota: QuotaOps
-    pool: PoolOps
-    templates: dict[str, Any]
+    """What delivery needs from its process (read-only, so any subtype fits)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def token(self) -> str:
+        """Identifies this process; each batch run adds a nonce of its own."""
+        ...
+
+    @property
+    def store(self) -> StoreOps: ...
+
+    @property
+    def limiter(self) -> LimiterOps: ...
+
+    @property
+    def quota(self) -> QuotaOps: ...
+
+    @property
+    def pool(self) -> PoolOps: ...
+
+    @property
+    def templates(self) -> dict[str, Any]: ...
 
 
 # Riding out a store outage ---------------------------------------------------------------

@@ -54,7 +54,10 @@ class Sweeper:
         if await redis.set(key, token, nx=True, px=self.lock_ttl_ms):
             return True
         holder = await redis.get(key)
-        if holder is not None and holder.decode() == token:
+        if (
+            holder is not None
+            and (holder.decode() if isinstance(holder, bytes) else holder) == token
+        ):
             await redis.pexpire(key, self.lock_ttl_ms)
             return True
         return False

@@ -27,7 +27,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ses_tasks.quota import DailyQuota
-from ses_tasks.ratelimit import FleetRateLimiter, Priority, SyncFleetRateLimiter
+from ses_tasks.ratelimit import FleetRateLimiter, Priority
 
 NO_WAIT_RATE_PER_S = 1e9
 
@@ -152,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     url, count, procs = args.redis_url, args.count, args.processes
     prefix = f"bench:{uuid.uuid4().hex}"
-    sync_client = redis.Redis.from_url(url)
+    cleanup = redis.Redis.from_url(url)
     try:
         # Single process.
         incr_us = best_of(3, lambda: asyncio.run(_incr_loop(url, prefix, count))) / count * 1e6
@@ -165,26 +165,6 @@ def main() -> None:
             us_per_acquire=round(us, 1),
             round_trips_per_acquire=r["round_trips"] / count,
             ratio_to_incr=round(us / incr_us, 2),
-        )
-        lim = SyncFleetRateLimiter(
-            sync_client, key_prefix=prefix, account="sync", rate_per_s=NO_WAIT_RATE_PER_S
-        )
-        lim.acquire()
-        start = time.perf_counter()
-        for _ in range(count):
-            lim.acquire()
-        sync_us = (time.perf_counter() - start) / count * 1e6
-        sync_client.incr(f"{prefix}:incr")
-        start = time.perf_counter()
-        for _ in range(count):
-            sync_client.incr(f"{prefix}:incr")
-        sync_incr_us = (time.perf_counter() - start) / count * 1e6
-        emit(
-            case="acquire_sync",
-            processes=1,
-            us_per_acquire=round(sync_us, 1),
-            incr_us=round(sync_incr_us, 1),
-            ratio_to_incr=round(sync_us / sync_incr_us, 2),
         )
 
         # Batch of 100 recipients at once versus one acquire per recipient.
@@ -260,10 +240,10 @@ def main() -> None:
             round_trips_per_acquire=round(sum(r["round_trips"] for r in runs) / acquires, 2),
         )
     finally:
-        keys = list(sync_client.scan_iter(match=f"{prefix}:*"))
+        keys = list(cleanup.scan_iter(match=f"{prefix}:*"))
         if keys:
-            sync_client.delete(*keys)
-        sync_client.close()
+            cleanup.delete(*keys)
+        cleanup.close()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ prometheus-client is the ``[metrics]`` extra; nothing here imports it unless met
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -33,6 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .config import Settings
+    from .quota import QuotaStatus
+    from .ratelimit import LimiterStatus
     from .workers.runtime import WorkerRuntime
 
 __all__ = [
@@ -151,40 +155,63 @@ def stop_exporter(**_: Any) -> None:
 
 
 class FleetCollector:
-    """Scrape-time gauges read from Redis: effective rate and 24-hour quota use."""
+    """Scrape-time gauges read from Redis: effective rate and 24-hour quota use.
 
-    def __init__(self, settings: Any = None) -> None:
+    Each scrape runs the async ``FleetRateLimiter.status()`` and ``DailyQuota.status()`` on
+    an event loop of its own (``asyncio.run`` in the scraping thread), over a client made
+    for that scrape and closed before it returns: no connection or loop outlives a scrape,
+    and a Redis that is down costs one short timeout, after which the gauges are skipped.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
-        self._limiter: Any = None
-        self._quota: Any = None
         self._lock = threading.Lock()
 
-    def _clients(self) -> tuple[Any, Any]:
+    def _settings_now(self) -> Settings:
         with self._lock:
-            if self._limiter is None:
-                import redis
-
+            if self._settings is None:
                 from .config import load_settings
-                from .quota import SyncDailyQuota
-                from .ratelimit import SyncFleetRateLimiter
 
-                s = self._settings or load_settings()
-                client = redis.Redis.from_url(
-                    s.redis_url,
-                    socket_timeout=REDIS_SCRAPE_TIMEOUT_S,
-                    socket_connect_timeout=REDIS_SCRAPE_TIMEOUT_S,
-                )
-                self._limiter = SyncFleetRateLimiter(
-                    client,
-                    key_prefix=s.key_prefix,
-                    rate_per_s=s.max_send_rate,
-                    burst=s.burst,
-                    transactional_reserve=s.transactional_reserve,
-                )
-                self._quota = SyncDailyQuota(
-                    client, key_prefix=s.key_prefix, limit=s.max_24h_send, window_s=s.quota_window_s
-                )
-            return self._limiter, self._quota
+                self._settings = load_settings()
+            return self._settings
+
+    @staticmethod
+    async def _read(s: Settings) -> tuple[LimiterStatus, QuotaStatus]:
+        from .connections import async_redis
+        from .quota import DailyQuota
+        from .ratelimit import FleetRateLimiter
+
+        client = async_redis(
+            s.redis_url,
+            settings=s,
+            socket_timeout=REDIS_SCRAPE_TIMEOUT_S,
+            socket_connect_timeout=REDIS_SCRAPE_TIMEOUT_S,
+        )
+        try:
+            limiter = FleetRateLimiter(
+                client,
+                key_prefix=s.key_prefix,
+                rate_per_s=s.max_send_rate,
+                burst=s.burst,
+                transactional_reserve=s.transactional_reserve,
+            )
+            quota = DailyQuota(
+                client, key_prefix=s.key_prefix, limit=s.max_24h_send, window_s=s.quota_window_s
+            )
+            return await limiter.status(), await quota.status()
+        finally:
+            await client.aclose()
+
+    def _statuses(self) -> tuple[LimiterStatus, QuotaStatus]:
+        s = self._settings_now()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self._read(s))
+        # Collected from inside a running event loop (an async app serving the registry):
+        # asyncio.run cannot nest, so this scrape gets a thread, and a loop, of its own.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, self._read(s)).result()
 
     def describe(self) -> list[Any]:
         return []  # skip the scrape at registration (it would hit Redis)
@@ -193,9 +220,7 @@ class FleetCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            limiter, quota = self._clients()
-            rate = limiter.status()
-            used = quota.status()
+            rate, used = self._statuses()
         except Exception as exc:  # Redis down: serve the process metrics anyway
             log.debug("fleet gauges skipped: %s", type(exc).__name__)
             return

@@ -18,15 +18,16 @@ account's rate limiter.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import redis as redis_sync
 from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 from .errors import ConfigurationError, SesTasksError
-from .ratelimit import ASYNC_CLIENTS, SYNC_CLIENTS, check_account, check_weight, load_lua
+from .ratelimit import SYNC_CLIENTS, check_account, check_weight, load_lua
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -38,7 +39,6 @@ __all__ = [
     "QuotaDecision",
     "QuotaStatus",
     "QuotaUnavailableError",
-    "SyncDailyQuota",
 ]
 
 #: SES's sending quota is a rolling 24 hours.
@@ -82,12 +82,28 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _QuotaCore:
+class DailyQuota:
+    """The account's rolling quota, for asyncio code. ``limit=None``: unlimited, still counted.
+
+    Scripts are registered once per instance; redis-py re-loads them on NOSCRIPT.
+    """
+
     _script_names = ("consume", "release", "exhaust", "status")
 
     def __init__(
-        self, *, key_prefix: str, account: str, limit: int | None, window_s: float, buckets: int
+        self,
+        redis: AsyncRedis | AsyncRedisCluster,
+        *,
+        key_prefix: str = "sestasks",
+        account: str = "default",
+        limit: int | None,
+        window_s: float = DEFAULT_WINDOW_S,
+        buckets: int = DEFAULT_BUCKETS,
     ) -> None:
+        if isinstance(redis, SYNC_CLIENTS):
+            raise ConfigurationError(
+                "redis", "DailyQuota needs a redis.asyncio client, not a synchronous one"
+            )
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
@@ -104,7 +120,29 @@ class _QuotaCore:
         self.bucket_us = self.window_s * 1e6 / buckets
         self.ttl_ms = math.ceil((self.window_s * 1e6 + 2 * self.bucket_us) / 1000) + 1000
         #: Server-time override (integer microseconds) for tests; None = Redis ``TIME``.
-        self._now_us: Any = None
+        self._now_us: Callable[[], int] | None = None
+        self._redis = redis
+        self._lua = {
+            name: redis.register_script(load_lua("quota_common.lua", f"quota_{name}.lua"))
+            for name in self._script_names
+        }
+
+    @classmethod
+    def from_settings(
+        cls,
+        redis: AsyncRedis | AsyncRedisCluster,
+        settings: Settings,
+        *,
+        account: str | None = None,
+    ) -> DailyQuota:
+        """The quota for ``settings`` (account defaults to the SES region)."""
+        return cls(
+            redis,
+            key_prefix=settings.key_prefix,
+            account=account or settings.region,
+            limit=settings.max_24h_send,
+            window_s=settings.quota_window_s,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -170,50 +208,6 @@ class _QuotaCore:
             f"quota store unavailable for {self.account}: {type(exc).__name__}"
         )
 
-
-def _scripts(client: Any) -> dict[str, Any]:
-    return {
-        name: client.register_script(load_lua("quota_common.lua", f"quota_{name}.lua"))
-        for name in _QuotaCore._script_names
-    }
-
-
-class DailyQuota(_QuotaCore):
-    """The account's rolling quota for asyncio code. ``limit=None``: unlimited, still counted."""
-
-    def __init__(
-        self,
-        redis: AsyncRedis,
-        *,
-        key_prefix: str = "sestasks",
-        account: str = "default",
-        limit: int | None,
-        window_s: float = DEFAULT_WINDOW_S,
-        buckets: int = DEFAULT_BUCKETS,
-    ) -> None:
-        if isinstance(redis, SYNC_CLIENTS):
-            raise ConfigurationError(
-                "redis", "DailyQuota needs redis.asyncio.Redis; use SyncDailyQuota"
-            )
-        super().__init__(
-            key_prefix=key_prefix, account=account, limit=limit, window_s=window_s, buckets=buckets
-        )
-        self._redis = redis
-        self._lua = _scripts(redis)
-
-    @classmethod
-    def from_settings(
-        cls, redis: AsyncRedis, settings: Settings, *, account: str | None = None
-    ) -> DailyQuota:
-        """The quota for ``settings`` (account defaults to the SES region)."""
-        return cls(
-            redis,
-            key_prefix=settings.key_prefix,
-            account=account or settings.region,
-            limit=settings.max_24h_send,
-            window_s=settings.quota_window_s,
-        )
-
     async def _call(self, name: str, args: list[str]) -> Sequence[Any]:
         try:
             return cast("Sequence[Any]", await self._lua[name](keys=[self.key], args=args))
@@ -246,63 +240,3 @@ class DailyQuota(_QuotaCore):
 
     async def status(self) -> QuotaStatus:
         return self._status(await self._call("status", self._status_args()))
-
-
-class SyncDailyQuota(_QuotaCore):
-    """The same quota for synchronous code (producers, CLI), over ``redis.Redis``."""
-
-    def __init__(
-        self,
-        redis: redis_sync.Redis,
-        *,
-        key_prefix: str = "sestasks",
-        account: str = "default",
-        limit: int | None,
-        window_s: float = DEFAULT_WINDOW_S,
-        buckets: int = DEFAULT_BUCKETS,
-    ) -> None:
-        if isinstance(redis, ASYNC_CLIENTS):
-            raise ConfigurationError("redis", "SyncDailyQuota needs redis.Redis; use DailyQuota")
-        super().__init__(
-            key_prefix=key_prefix, account=account, limit=limit, window_s=window_s, buckets=buckets
-        )
-        self._redis = redis
-        self._lua = _scripts(redis)
-
-    @classmethod
-    def from_settings(
-        cls, redis: redis_sync.Redis, settings: Settings, *, account: str | None = None
-    ) -> SyncDailyQuota:
-        """The quota for ``settings`` (account defaults to the SES region)."""
-        return cls(
-            redis,
-            key_prefix=settings.key_prefix,
-            account=account or settings.region,
-            limit=settings.max_24h_send,
-            window_s=settings.quota_window_s,
-        )
-
-    def _call(self, name: str, args: list[str]) -> Sequence[Any]:
-        try:
-            return cast("Sequence[Any]", self._lua[name](keys=[self.key], args=args))
-        except redis_sync.RedisError as exc:
-            raise self._unavailable(exc) from exc
-
-    def try_consume(self, n: int) -> QuotaDecision:
-        check_weight(n)
-        return self._decision(self._call("consume", self._consume_args(n)))
-
-    def release(self, n: int) -> int:
-        check_weight(n)
-        return int(_s(self._call("release", self._release_args(n))[0]))
-
-    def mark_exhausted(
-        self, retry_after_s: float | None = None, *, reason: str = DEFAULT_EXHAUSTED_REASON
-    ) -> float:
-        until_us, now_us = (
-            int(_s(v)) for v in self._call("exhaust", self._exhaust_args(retry_after_s, reason))
-        )
-        return (until_us - now_us) / 1e6
-
-    def status(self) -> QuotaStatus:
-        return self._status(self._call("status", self._status_args()))

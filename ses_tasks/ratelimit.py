@@ -56,6 +56,7 @@ the same Redis Cluster slot as the account's quota (``ses_tasks.quota``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -85,7 +86,6 @@ __all__ = [
     "LimiterUnavailableError",
     "Priority",
     "RateLimitWaitExceeded",
-    "SyncFleetRateLimiter",
     "load_lua",
 ]
 
@@ -106,12 +106,12 @@ DEFAULT_RECOVER_INTERVAL_S = 1.0
 #: Minimum life of the limiter's key once idle (it keeps the adaptive factor).
 MIN_STATE_TTL_S = 60.0
 
-#: Client kinds, to refuse a sync client in the async class and the reverse.
+#: Synchronous clients, refused: the limiter and the quota talk to Redis with asyncio only.
 SYNC_CLIENTS = (redis_sync.Redis, redis_sync.RedisCluster)
-ASYNC_CLIENTS = (AsyncRedis, AsyncRedisCluster)
 _ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
+@functools.cache
 def load_lua(*names: str) -> str:
     """Concatenate package-data scripts (a shared prelude first, then the script)."""
     lua = resources.files("ses_tasks").joinpath("lua")
@@ -185,25 +185,34 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class _LimiterCore:
-    """Configuration, key names, script arguments and replies; no I/O."""
+class FleetRateLimiter:
+    """The fleet-wide limiter, for asyncio code. See the module docstring.
+
+    Scripts are registered once per instance; redis-py re-loads them on NOSCRIPT, so the
+    limiter keeps working after a Redis restart or ``SCRIPT FLUSH``.
+    """
 
     _script_names = ("acquire", "refund", "throttle", "status")
 
     def __init__(
         self,
+        redis: AsyncRedis | AsyncRedisCluster,
         *,
-        key_prefix: str,
-        account: str,
+        key_prefix: str = "sestasks",
+        account: str = "default",
         rate_per_s: float,
-        burst: float | None,
-        transactional_reserve: float,
-        decrease_factor: float,
-        recover_per_s: float | None,
-        min_rate_per_s: float | None,
-        bulk_lookahead_s: float,
-        throttle_guard_s: float,
+        burst: float | None = None,
+        transactional_reserve: float = 0.2,
+        decrease_factor: float = DEFAULT_DECREASE_FACTOR,
+        recover_per_s: float | None = None,
+        min_rate_per_s: float | None = None,
+        bulk_lookahead_s: float = DEFAULT_BULK_LOOKAHEAD_S,
+        throttle_guard_s: float = DEFAULT_THROTTLE_GUARD_S,
     ) -> None:
+        if isinstance(redis, SYNC_CLIENTS):
+            raise ConfigurationError(
+                "redis", "FleetRateLimiter needs a redis.asyncio client, not a synchronous one"
+            )
         if not (math.isfinite(rate_per_s) and rate_per_s > 0):
             raise ConfigurationError("rate_per_s", "must be a positive number")
         burst = max(1.0, rate_per_s) if burst is None else burst
@@ -256,6 +265,30 @@ class _LimiterCore:
         self._now_us: Callable[[], int] | None = None
         #: Script calls made (one Redis round trip each, unless a NOSCRIPT reload happened).
         self.round_trips = 0
+        self._redis = redis
+        self._lua = {
+            name: redis.register_script(load_lua("ratelimit_common.lua", f"ratelimit_{name}.lua"))
+            for name in self._script_names
+        }
+        self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+
+    @classmethod
+    def from_settings(
+        cls,
+        redis: AsyncRedis | AsyncRedisCluster,
+        settings: Settings,
+        *,
+        account: str | None = None,
+    ) -> FleetRateLimiter:
+        """The limiter for ``settings`` (account defaults to the SES region)."""
+        return cls(
+            redis,
+            key_prefix=settings.key_prefix,
+            account=account or settings.region,
+            rate_per_s=settings.max_send_rate,
+            burst=settings.burst,
+            transactional_reserve=settings.transactional_reserve,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -349,70 +382,6 @@ class _LimiterCore:
             f"rate limiter store unavailable for {self.account}: {type(exc).__name__}"
         )
 
-
-def _scripts(client: Any) -> dict[str, Any]:
-    return {
-        name: client.register_script(load_lua("ratelimit_common.lua", f"ratelimit_{name}.lua"))
-        for name in _LimiterCore._script_names
-    }
-
-
-class FleetRateLimiter(_LimiterCore):
-    """The fleet-wide limiter for asyncio code (workers). See the module docstring.
-
-    Scripts are registered once per instance; redis-py re-loads them on NOSCRIPT, so the
-    limiter keeps working after a Redis restart or ``SCRIPT FLUSH``.
-    """
-
-    def __init__(
-        self,
-        redis: AsyncRedis,
-        *,
-        key_prefix: str = "sestasks",
-        account: str = "default",
-        rate_per_s: float,
-        burst: float | None = None,
-        transactional_reserve: float = 0.2,
-        decrease_factor: float = DEFAULT_DECREASE_FACTOR,
-        recover_per_s: float | None = None,
-        min_rate_per_s: float | None = None,
-        bulk_lookahead_s: float = DEFAULT_BULK_LOOKAHEAD_S,
-        throttle_guard_s: float = DEFAULT_THROTTLE_GUARD_S,
-    ) -> None:
-        if isinstance(redis, SYNC_CLIENTS):
-            raise ConfigurationError(
-                "redis", "FleetRateLimiter needs redis.asyncio.Redis; use SyncFleetRateLimiter"
-            )
-        super().__init__(
-            key_prefix=key_prefix,
-            account=account,
-            rate_per_s=rate_per_s,
-            burst=burst,
-            transactional_reserve=transactional_reserve,
-            decrease_factor=decrease_factor,
-            recover_per_s=recover_per_s,
-            min_rate_per_s=min_rate_per_s,
-            bulk_lookahead_s=bulk_lookahead_s,
-            throttle_guard_s=throttle_guard_s,
-        )
-        self._redis = redis
-        self._lua = _scripts(redis)
-        self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
-
-    @classmethod
-    def from_settings(
-        cls, redis: AsyncRedis, settings: Settings, *, account: str | None = None
-    ) -> FleetRateLimiter:
-        """The limiter for ``settings`` (account defaults to the SES region)."""
-        return cls(
-            redis,
-            key_prefix=settings.key_prefix,
-            account=account or settings.region,
-            rate_per_s=settings.max_send_rate,
-            burst=settings.burst,
-            transactional_reserve=settings.transactional_reserve,
-        )
-
     async def _call(self, name: str, args: list[str]) -> Sequence[Any]:
         self.round_trips += 1
         try:
@@ -482,101 +451,3 @@ class FleetRateLimiter(_LimiterCore):
 
     async def status(self) -> LimiterStatus:
         return self._status(await self._call("status", self._status_args()))
-
-
-class SyncFleetRateLimiter(_LimiterCore):
-    """The same limiter for synchronous code (producers, CLI), over ``redis.Redis``."""
-
-    def __init__(
-        self,
-        redis: redis_sync.Redis,
-        *,
-        key_prefix: str = "sestasks",
-        account: str = "default",
-        rate_per_s: float,
-        burst: float | None = None,
-        transactional_reserve: float = 0.2,
-        decrease_factor: float = DEFAULT_DECREASE_FACTOR,
-        recover_per_s: float | None = None,
-        min_rate_per_s: float | None = None,
-        bulk_lookahead_s: float = DEFAULT_BULK_LOOKAHEAD_S,
-        throttle_guard_s: float = DEFAULT_THROTTLE_GUARD_S,
-    ) -> None:
-        if isinstance(redis, ASYNC_CLIENTS):
-            raise ConfigurationError(
-                "redis", "SyncFleetRateLimiter needs redis.Redis; use FleetRateLimiter"
-            )
-        super().__init__(
-            key_prefix=key_prefix,
-            account=account,
-            rate_per_s=rate_per_s,
-            burst=burst,
-            transactional_reserve=transactional_reserve,
-            decrease_factor=decrease_factor,
-            recover_per_s=recover_per_s,
-            min_rate_per_s=min_rate_per_s,
-            bulk_lookahead_s=bulk_lookahead_s,
-            throttle_guard_s=throttle_guard_s,
-        )
-        self._redis = redis
-        self._lua = _scripts(redis)
-        self._sleep: Callable[[float], Any] = time.sleep
-
-    @classmethod
-    def from_settings(
-        cls, redis: redis_sync.Redis, settings: Settings, *, account: str | None = None
-    ) -> SyncFleetRateLimiter:
-        """The limiter for ``settings`` (account defaults to the SES region)."""
-        return cls(
-            redis,
-            key_prefix=settings.key_prefix,
-            account=account or settings.region,
-            rate_per_s=settings.max_send_rate,
-            burst=settings.burst,
-            transactional_reserve=settings.transactional_reserve,
-        )
-
-    def _call(self, name: str, args: list[str]) -> Sequence[Any]:
-        self.round_trips += 1
-        try:
-            return cast("Sequence[Any]", self._lua[name](keys=[self.key], args=args))
-        except redis_sync.RedisError as exc:
-            raise self._unavailable(exc) from exc
-
-    def acquire(
-        self,
-        n: int = 1,
-        *,
-        priority: Priority = Priority.BULK,
-        max_wait_s: float | None = None,
-    ) -> float:
-        """Block until ``n`` recipients may be sent; returns the seconds waited."""
-        check_weight(n)
-        start = time.monotonic()
-        mode = "fresh"
-        while True:
-            left = None if max_wait_s is None else max_wait_s - (time.monotonic() - start)
-            grant = self._grant(self._call("acquire", self._acquire_args(n, priority, left, mode)))
-            if grant.status == "long":
-                raise RateLimitWaitExceeded(
-                    grant.wait_s + time.monotonic() - start, cast(float, max_wait_s)
-                )
-            if grant.wait_s > 0:
-                self._sleep(grant.wait_s)
-            if grant.status == "ok":
-                return time.monotonic() - start
-            mode = "again"
-
-    def reserve(self, n: int, *, priority: Priority = Priority.BULK) -> float:
-        """Reserve ``n`` recipients in one round trip and return the wait (no sleep)."""
-        check_weight(n)
-        return self._grant(
-            self._call("acquire", self._acquire_args(n, priority, None, "force"))
-        ).wait_s
-
-    def on_throttle(self) -> float:
-        """SES said 454 Maximum sending rate exceeded: slow the fleet; returns the new rate."""
-        return self._throttled(self._call("throttle", self._throttle_args()))
-
-    def status(self) -> LimiterStatus:
-        return self._status(self._call("status", self._status_args()))

@@ -37,8 +37,8 @@ from ses_tasks.errors import CampaignError
 from ses_tasks.feedback import FeedbackApplier, parse_event
 from ses_tasks.keys import TRANSACTIONAL, Keys
 from ses_tasks.message import CampaignTemplate
-from ses_tasks.quota import DailyQuota, SyncDailyQuota
-from ses_tasks.ratelimit import FleetRateLimiter, Priority, SyncFleetRateLimiter
+from ses_tasks.quota import DailyQuota
+from ses_tasks.ratelimit import FleetRateLimiter, Priority
 from ses_tasks.states import CampaignState, ClaimDecision, MessageState
 from ses_tasks.suppression import SuppressionList
 from ses_tasks.tracking import (
@@ -776,20 +776,3 @@ def test_rate_limiter_and_quota_on_the_async_cluster_client(
             await client.aclose()
 
     asyncio.run(run())
-
-
-def test_rate_limiter_and_quota_on_the_sync_cluster_client(
-    rc: redis.RedisCluster, prefix: str
-) -> None:
-    for account in accounts_on_nodes(rc, prefix, 2):
-        limiter = SyncFleetRateLimiter(
-            rc, key_prefix=prefix, account=account, rate_per_s=100.0, recover_per_s=0.0
-        )
-        assert limiter.acquire(3) < 1.0
-        assert limiter.on_throttle() == pytest.approx(50.0)
-        assert limiter.status().effective_rate_per_s == pytest.approx(50.0)
-        quota = SyncDailyQuota(rc, key_prefix=prefix, account=account, limit=5)
-        assert quota.try_consume(5).granted
-        assert not quota.try_consume(1).granted
-        assert quota.release(2) == 2
-        assert quota.status().used == 3

@@ -12,13 +12,12 @@ import fakeredis
 import pytest
 
 from ses_tasks.errors import ConfigurationError, SesTasksError, ValidationError
-from ses_tasks.quota import DailyQuota, QuotaUnavailableError, SyncDailyQuota
+from ses_tasks.quota import DailyQuota, QuotaUnavailableError
 from ses_tasks.ratelimit import (
     FleetRateLimiter,
     LimiterUnavailableError,
     Priority,
     RateLimitWaitExceeded,
-    SyncFleetRateLimiter,
 )
 
 T = TypeVar("T")
@@ -390,12 +389,16 @@ def test_options_are_validated(options: dict[str, Any], setting: str) -> None:
 
 
 def test_client_kind_and_weight_are_checked() -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         FleetRateLimiter(fakeredis.FakeRedis(), rate_per_s=1.0)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError):
-        SyncFleetRateLimiter(fakeredis.FakeAsyncRedis(), rate_per_s=1.0)  # type: ignore[arg-type]
+    assert info.value.setting == "redis"
+    with pytest.raises(ConfigurationError) as info:
+        DailyQuota(fakeredis.FakeRedis(), limit=1)  # type: ignore[arg-type]
+    assert info.value.setting == "redis"
     with pytest.raises(ValidationError):
         run(limiter().acquire(0))
+    with pytest.raises(ValidationError):
+        run(quota(Clock()).try_consume(0))
 
 
 def test_redis_errors_are_translated() -> None:
@@ -411,17 +414,25 @@ def test_redis_errors_are_translated() -> None:
         run(q.try_consume(1))
 
 
-def test_sync_limiter() -> None:
-    clock = Clock()
-    lim = SyncFleetRateLimiter(fakeredis.FakeRedis(), rate_per_s=100.0, burst=10.0)
-    lim._now_us = clock
-    lim._sleep = clock.advance
-    waits = [lim.reserve(1) for _ in range(9)]
-    lim.acquire(3, priority=TX)
+def test_acquire_weight_priority_throttle_status_and_repr() -> None:
+    async def main() -> tuple[list[float], list[float], float, float]:
+        clock = Clock()
+        lim = limiter(clock)
+        waits = [await lim.reserve(1) for _ in range(9)]
+        await lim.acquire(3, priority=TX)
+        return (
+            waits,
+            clock.slept,
+            await lim.on_throttle(),
+            (await lim.status()).effective_rate_per_s,
+        )
+
+    waits, slept, throttled, effective = run(main())
     assert waits == [0.0] * 8 + [0.01]
-    assert lim.on_throttle() == 50.0
-    assert lim.status().effective_rate_per_s == 50.0
-    assert "rate=100/s" in repr(lim)
+    assert slept == [pytest.approx(0.02)]  # 90 ms ahead + 30 ms own - 100 ms tolerance
+    assert throttled == 50.0
+    assert effective == 50.0
+    assert "rate=100/s" in repr(limiter())
 
 
 # --- rolling quota ---------------------------------------------------------------------
@@ -533,17 +544,21 @@ def test_quota_release_uncounts() -> None:
     assert run(main()) == (4, 2, 0)
 
 
-def test_sync_quota_and_script_flush() -> None:
-    clock = Clock()
-    r = fakeredis.FakeRedis()
-    q = SyncDailyQuota(r, limit=5, window_s=10.0, buckets=10)
-    q._now_us = clock
-    assert q.try_consume(5).granted
-    r.script_flush()
-    assert not q.try_consume(1).granted
-    assert q.mark_exhausted(2.0) == 2.0
-    assert q.status().reason == "Daily message quota exceeded"
-    assert q.release(5) == 5
+def test_quota_after_script_flush() -> None:
+    async def main() -> list[Any]:
+        r = fakeredis.FakeAsyncRedis()
+        q = DailyQuota(r, limit=5, window_s=10.0, buckets=10)
+        q._now_us = Clock()
+        out: list[Any] = [(await q.try_consume(5)).granted]
+        await r.script_flush()
+        out.append((await q.try_consume(1)).granted)
+        out.append(await q.mark_exhausted(2.0))
+        out.append((await q.status()).reason)
+        out.append(await q.release(5))
+        return out
+
+    assert run(main()) == [True, False, 2.0, "Daily message quota exceeded", 5]
+    assert "limit=5" in repr(DailyQuota(fakeredis.FakeAsyncRedis(), limit=5))
 
 
 def test_quota_options_are_validated() -> None:
@@ -557,3 +572,74 @@ def test_quota_options_are_validated() -> None:
         with pytest.raises(ConfigurationError) as info:
             DailyQuota(r, **options)
         assert info.value.setting == setting
+
+
+# --- scrape-time gauges (ses_tasks.metrics.FleetCollector) -------------------------------
+
+
+class CountedClients:
+    """Stands in for ``connections.async_redis``: fake clients on one server, closes counted."""
+
+    def __init__(self, server: fakeredis.FakeServer) -> None:
+        self.server = server
+        self.options: list[dict[str, Any]] = []
+        self.closed = 0
+
+    def __call__(self, url: str, *, settings: Any = None, **overrides: Any) -> Any:
+        self.options.append(overrides)
+        client = fakeredis.FakeAsyncRedis(server=self.server)
+        aclose = client.aclose
+
+        async def counted_aclose(*args: Any, **kwargs: Any) -> None:
+            self.closed += 1
+            await aclose(*args, **kwargs)
+
+        client.aclose = counted_aclose  # type: ignore[method-assign]
+        return client
+
+
+def test_fleet_collector_reads_the_async_status_with_one_client_per_scrape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from ses_tasks import connections, metrics
+    from ses_tasks.config import Settings
+
+    server = fakeredis.FakeServer()
+    clients = CountedClients(server)
+    monkeypatch.setattr(connections, "async_redis", clients)
+
+    async def seed() -> None:
+        r = fakeredis.FakeAsyncRedis(server=server)
+        await FleetRateLimiter(r, key_prefix="m", rate_per_s=100.0).on_throttle()
+        await DailyQuota(r, key_prefix="m", limit=1000).try_consume(7)
+
+    run(seed())
+    collector = metrics.FleetCollector(
+        Settings(key_prefix="m", max_send_rate=100.0, max_24h_send=1000)
+    )
+
+    def gauges() -> dict[str, float]:
+        return {family.name: family.samples[0].value for family in collector.collect()}
+
+    expected = {
+        "ses_tasks_effective_rate": 50.0,
+        "ses_tasks_configured_rate": 100.0,
+        "ses_tasks_quota_used": 7,
+        "ses_tasks_quota_limit": 1000,
+    }
+    assert gauges() == expected
+    assert gauges() == expected
+    assert (len(clients.options), clients.closed) == (2, 2)  # each scrape closes its client
+    timeout = metrics.REDIS_SCRAPE_TIMEOUT_S
+    assert clients.options[0] == {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+
+    async def from_a_running_loop() -> dict[str, float]:
+        return gauges()
+
+    assert run(from_a_running_loop()) == expected
+    assert (len(clients.options), clients.closed) == (3, 3)
+
+    server.connected = False  # Redis down: no fleet gauges, no error, client still closed
+    assert gauges() == {}
+    assert (len(clients.options), clients.closed) == (4, 4)

@@ -26,8 +26,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from ses_tasks.quota import DailyQuota
-from ses_tasks.ratelimit import FleetRateLimiter, Priority
+from ses_tasks.limits.quota import DailyQuota
+from ses_tasks.limits.ratelimit import FleetRateLimiter, Priority
 
 NO_WAIT_RATE_PER_S = 1e9
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from ses_tasks.embedded import SandboxProcess, WorkerProcess, wait_for
+from ses_tasks.sandbox.embedded import SandboxProcess, WorkerProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = os.environ.get("SES_TASKS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")

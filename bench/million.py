@@ -48,9 +48,9 @@ def write_csv(path: Path, count: int) -> Path:
 
 def produce(csv_path: str, redis_url: str, prefix: str, queries: int) -> dict[str, Any]:
     """The producer process: enqueue, then time status queries."""
-    from ses_tasks.client import SesTasks
     from ses_tasks.config import Settings
-    from ses_tasks.endpoint import PortMode
+    from ses_tasks.produce.client import SesTasks
+    from ses_tasks.smtp.endpoint import PortMode
 
     settings = Settings(
         redis_url=redis_url,

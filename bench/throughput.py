@@ -13,8 +13,8 @@ from typing import Any
 
 import redis
 
-from ses_tasks.client import SesTasks
 from ses_tasks.config import Settings
+from ses_tasks.produce.client import SesTasks
 
 from .common import (
     HTML,

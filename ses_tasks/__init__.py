@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import (
+from ses_tasks._moved import install as _install_moved
+from ses_tasks.errors import (
     CampaignError,
     ConfigurationError,
     DeliveryError,
@@ -12,16 +13,17 @@ from .errors import (
     TransientDeliveryError,
     ValidationError,
 )
-from .states import CampaignState, MessageState, Outcome
+from ses_tasks.states import CampaignState, MessageState, Outcome
 
 __version__ = "0.1.0"
+_install_moved()  # the old flat module paths keep working
 
 _LAZY = {
-    "SesTasks": ("ses_tasks.client", "SesTasks"),
-    "MessageResult": ("ses_tasks.client", "MessageResult"),
-    "MessageSpec": ("ses_tasks.message", "MessageSpec"),
-    "Attachment": ("ses_tasks.message", "Attachment"),
-    "CampaignTemplate": ("ses_tasks.message", "CampaignTemplate"),
+    "SesTasks": ("ses_tasks.produce.client", "SesTasks"),
+    "MessageResult": ("ses_tasks.produce.client", "MessageResult"),
+    "MessageSpec": ("ses_tasks.message.spec", "MessageSpec"),
+    "Attachment": ("ses_tasks.message.spec", "Attachment"),
+    "CampaignTemplate": ("ses_tasks.message.spec", "CampaignTemplate"),
     "Settings": ("ses_tasks.config", "Settings"),
 }
 
@@ -34,6 +36,7 @@ def __getattr__(name: str) -> object:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'ses_tasks' has no attribute {name!r}")
+
 
 __all__ = [
     "Attachment",

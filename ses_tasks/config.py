@@ -17,9 +17,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .credentials import smtp_password
-from .endpoint import DEFAULT_PORT, Endpoint, PortMode, resolve_endpoint
-from .errors import ConfigurationError
+from ses_tasks.errors import ConfigurationError
+from ses_tasks.smtp.credentials import smtp_password
+from ses_tasks.smtp.endpoint import DEFAULT_PORT, Endpoint, PortMode, resolve_endpoint
 
 __all__ = ["ENV_PREFIX", "Settings", "load_settings", "redact_url"]
 

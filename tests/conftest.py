@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 
-from ses_tasks.client import SesTasks
 from ses_tasks.config import Settings
-from ses_tasks.embedded import SandboxProcess, WorkerProcess, wait_for
-from ses_tasks.tracking import CampaignStatus
+from ses_tasks.produce.client import SesTasks
+from ses_tasks.sandbox.embedded import SandboxProcess, WorkerProcess, wait_for
+from ses_tasks.store.tracking import CampaignStatus
 
 REDIS_URL = os.environ.get("SES_TASKS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -7,9 +7,15 @@ feedback and suppresses addresses, ``handler`` ties them together for ``asgi`` (
 
 from __future__ import annotations
 
-from .apply import FEEDBACK_COUNTERS, ApplyResult, FeedbackApplier, FeedbackStatus, MessageFeedback
-from .asgi import FeedbackApp, create_app
-from .events import (
+from ses_tasks.feedback.apply import (
+    FEEDBACK_COUNTERS,
+    ApplyResult,
+    FeedbackApplier,
+    FeedbackStatus,
+    MessageFeedback,
+)
+from ses_tasks.feedback.asgi import FeedbackApp, create_app
+from ses_tasks.feedback.events import (
     Bounce,
     BouncedRecipient,
     Complaint,
@@ -22,9 +28,9 @@ from .events import (
     SesEvent,
     parse_event,
 )
-from .handler import FeedbackHandler, HttpResponse, IngestReport
-from .settings import FeedbackSettings, load_feedback_settings
-from .sns import SnsMessage, SnsVerificationError, SnsVerifier, canonical_string
+from ses_tasks.feedback.handler import FeedbackHandler, HttpResponse, IngestReport
+from ses_tasks.feedback.settings import FeedbackSettings, load_feedback_settings
+from ses_tasks.feedback.sns import SnsMessage, SnsVerificationError, SnsVerifier, canonical_string
 
 __all__ = [
     "FEEDBACK_COUNTERS",

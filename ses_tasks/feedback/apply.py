@@ -17,13 +17,13 @@ from typing import Any
 
 import redis
 
-from ..errors import CampaignError
-from ..keys import TRANSACTIONAL, Keys, campaign_of
-from ..states import CampaignState
-from ..suppression import SuppressionList
-from ..tracking import StatusStore
-from .events import Bounce, Complaint, DeliveryDelay, EventKind, Reject, SesEvent
-from .settings import FeedbackSettings
+from ses_tasks.errors import CampaignError
+from ses_tasks.feedback.events import Bounce, Complaint, DeliveryDelay, EventKind, Reject, SesEvent
+from ses_tasks.feedback.settings import FeedbackSettings
+from ses_tasks.keys import TRANSACTIONAL, Keys, campaign_of
+from ses_tasks.states import CampaignState
+from ses_tasks.store.suppression import SuppressionList
+from ses_tasks.store.tracking import StatusStore
 
 __all__ = [
     "FEEDBACK_COUNTERS",
@@ -47,7 +47,9 @@ _NAMES = {
     EventKind.REJECT: ("rejected", 3),
 }
 
-RECORD_LUA = resources.files("ses_tasks").joinpath("lua", "feedback_record.lua").read_text("utf-8")
+RECORD_LUA = (
+    resources.files("ses_tasks.store").joinpath("lua", "feedback_record.lua").read_text("utf-8")
+)
 
 
 def _text(value: Any) -> str:

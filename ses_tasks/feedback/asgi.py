@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .handler import FeedbackHandler, HttpResponse
+from ses_tasks.feedback.handler import FeedbackHandler, HttpResponse
 
 __all__ = ["ASGIApp", "FeedbackApp", "create_app"]
 

@@ -1,6 +1,6 @@
 """``ses-tasks feedback serve|ingest|status`` and ``ses-tasks suppress export``.
 
-Wired into ``ses_tasks.cli`` by ``main.add_command(feedback)`` and
+Wired into ``ses_tasks.ops.cli`` by ``main.add_command(feedback)`` and
 ``suppress.add_command(suppress_export)``.
 """
 
@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
-from ..config import load_settings
-from ..connections import sync_redis
-from ..errors import SesTasksError
+from ses_tasks.config import load_settings
+from ses_tasks.errors import SesTasksError
+from ses_tasks.store.connections import sync_redis
 
 __all__ = ["feedback", "suppress_export"]
 
@@ -27,8 +27,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(func: F) -> F:
-    """One line on stderr instead of a traceback, like ``ses_tasks.cli`` (not imported from
-    there: ``ses_tasks.cli`` imports this module)."""
+    """One line on stderr instead of a traceback, like ``ses_tasks.ops.cli`` (not imported from
+    there: ``ses_tasks.ops.cli`` imports this module)."""
     import redis
 
     @wraps(func)
@@ -49,7 +49,7 @@ def user_errors(func: F) -> F:
 
 
 def _handler() -> Any:
-    from .handler import FeedbackHandler
+    from ses_tasks.feedback.handler import FeedbackHandler
 
     return FeedbackHandler.from_settings()
 
@@ -65,9 +65,9 @@ def feedback() -> None:
 @user_errors
 def serve_command(host: str | None, port: int | None) -> None:
     """Receive SNS HTTP POSTs (subscribe http(s)://<this host>/ to the SES topics)."""
-    from .asgi import FeedbackApp
-    from .server import serve
-    from .settings import load_feedback_settings
+    from ses_tasks.feedback.asgi import FeedbackApp
+    from ses_tasks.feedback.server import serve
+    from ses_tasks.feedback.settings import load_feedback_settings
 
     fb = load_feedback_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -124,7 +124,7 @@ def status_command(campaign_id: str) -> None:
 def suppress_export(output: str | None) -> None:
     """Export the suppression list as CSV: email,reason,source,added_at."""
 
-    from ..suppression import SuppressionList
+    from ses_tasks.store.suppression import SuppressionList
 
     settings = load_settings()
     suppression = SuppressionList(

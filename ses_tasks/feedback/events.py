@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ..errors import ValidationError
-from .sns import is_sns_envelope
+from ses_tasks.errors import ValidationError
+from ses_tasks.feedback.sns import is_sns_envelope
 
 __all__ = [
     "Bounce",

@@ -16,13 +16,12 @@ from typing import Any
 
 import redis
 
-from ..config import Settings, load_settings
-from ..connections import sync_redis
-from ..errors import SesTasksError
-from .apply import ApplyResult, FeedbackApplier
-from .events import ParseError, parse_event, unwrap
-from .settings import FeedbackSettings, load_feedback_settings
-from .sns import (
+from ses_tasks.config import Settings, load_settings
+from ses_tasks.errors import SesTasksError
+from ses_tasks.feedback.apply import ApplyResult, FeedbackApplier
+from ses_tasks.feedback.events import ParseError, parse_event, unwrap
+from ses_tasks.feedback.settings import FeedbackSettings, load_feedback_settings
+from ses_tasks.feedback.sns import (
     NOTIFICATION,
     SUBSCRIPTION_CONFIRMATION,
     Fetcher,
@@ -30,6 +29,7 @@ from .sns import (
     SnsVerifier,
     is_sns_envelope,
 )
+from ses_tasks.store.connections import sync_redis
 
 __all__ = ["FeedbackHandler", "HttpResponse", "IngestReport"]
 

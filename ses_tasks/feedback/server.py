@@ -13,7 +13,7 @@ import threading
 from http import HTTPStatus
 from typing import Any
 
-from .asgi import ASGIApp
+from ses_tasks.feedback.asgi import ASGIApp
 
 __all__ = ["ServerThread", "serve"]
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..errors import ConfigurationError
+from ses_tasks.errors import ConfigurationError
 
 __all__ = ["FeedbackSettings", "load_feedback_settings"]
 

@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ..errors import SesTasksError
+from ses_tasks.errors import SesTasksError
 
 __all__ = [
     "DEFAULT_FETCH_TIMEOUT_S",

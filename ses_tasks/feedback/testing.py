@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from .sns import (
+from ses_tasks.feedback.sns import (
     NOTIFICATION,
     SUBSCRIPTION_CONFIRMATION,
     SnsVerificationError,

@@ -23,10 +23,10 @@ from django.conf import settings as django_settings
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 
-from ..client import SesTasks
-from ..config import load_settings
-from ..errors import SesTasksError, ValidationError
-from ..message import Attachment
+from ses_tasks.config import load_settings
+from ses_tasks.errors import SesTasksError, ValidationError
+from ses_tasks.message.spec import Attachment
+from ses_tasks.produce.client import SesTasks
 
 __all__ = ["EmailBackend", "message_fields"]
 

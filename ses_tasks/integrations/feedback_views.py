@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..feedback.handler import FeedbackHandler, HttpResponse
+from ses_tasks.feedback.handler import FeedbackHandler, HttpResponse
 
 __all__ = ["django_view", "flask_blueprint", "flask_view"]
 

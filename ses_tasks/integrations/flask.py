@@ -27,10 +27,10 @@ from weakref import WeakKeyDictionary
 
 from flask import Flask, current_app, has_app_context
 
-from ..client import MessageResult, SesTasks
-from ..config import Settings, load_settings
-from ..errors import ConfigurationError
-from ..tracking import CampaignStatus, MessageRecord
+from ses_tasks.config import Settings, load_settings
+from ses_tasks.errors import ConfigurationError
+from ses_tasks.produce.client import MessageResult, SesTasks
+from ses_tasks.store.tracking import CampaignStatus, MessageRecord
 
 __all__ = ["EXTENSION_KEY", "SesTasksFlask"]
 

@@ -7,13 +7,13 @@ dropped connections, session limits, idle timeouts, ...).
 
 from __future__ import annotations
 
-from .certs import SERVER_NAMES
-from .cli import main
-from .config import SES_HOSTNAME, SandboxConfig, SandboxStats, SessionRecord
-from .faults import Faults
-from .protocol import SES_MESSAGE_ID_RE, new_ses_message_id
-from .server import Sandbox, SandboxThread
-from .store import AcceptedMessage, read_jsonl, read_messages
+from ses_tasks.sandbox.certs import SERVER_NAMES
+from ses_tasks.sandbox.cli import main
+from ses_tasks.sandbox.config import SES_HOSTNAME, SandboxConfig, SandboxStats, SessionRecord
+from ses_tasks.sandbox.faults import Faults
+from ses_tasks.sandbox.protocol import SES_MESSAGE_ID_RE, new_ses_message_id
+from ses_tasks.sandbox.server import Sandbox, SandboxThread
+from ses_tasks.sandbox.store import AcceptedMessage, read_jsonl, read_messages
 
 __all__ = [
     "SERVER_NAMES",

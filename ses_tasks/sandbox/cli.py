@@ -10,10 +10,10 @@ import signal
 import sys
 from pathlib import Path
 
-from ..errors import SesTasksError
-from .config import SandboxConfig
-from .faults import Faults
-from .server import Sandbox
+from ses_tasks.errors import SesTasksError
+from ses_tasks.sandbox.config import SandboxConfig
+from ses_tasks.sandbox.faults import Faults
+from ses_tasks.sandbox.server import Sandbox
 
 __all__ = ["PASSWORD_ENV", "build_parser", "main"]
 
@@ -57,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drop-after-data-rate", type=float, default=0.0)
     add("--max-messages-per-session", type=int, default=None)
     add("--idle-timeout", type=float, default=None, help="seconds")
-    add("--drop-after-data-accepts", action="store_true",
-        help="dropped connections still deliver the message (SES may have it)")
-    add("--reject-recipient", action="append", default=[], metavar="ADDR",
-        help="answer 554 'Email address is not verified' for this address (repeatable)")
+    add(
+        "--drop-after-data-accepts",
+        action="store_true",
+        help="dropped connections still deliver the message (SES may have it)",
+    )
+    add(
+        "--reject-recipient",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="answer 554 'Email address is not verified' for this address (repeatable)",
+    )
     add("--auth-fail", action="store_true", help="answer every AUTH with 535")
     add("--account-paused", action="store_true", help="554 Sending paused after every DATA")
     add("--seed", type=int, default=0)

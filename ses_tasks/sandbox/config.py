@@ -6,9 +6,9 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..endpoint import PortMode
-from ..errors import ConfigurationError
-from .faults import Faults
+from ses_tasks.errors import ConfigurationError
+from ses_tasks.sandbox.faults import Faults
+from ses_tasks.smtp.endpoint import PortMode
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",

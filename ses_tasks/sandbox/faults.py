@@ -10,7 +10,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import ConfigurationError
+from ses_tasks.errors import ConfigurationError
 
 __all__ = [
     "ACCOUNT_PAUSED_REPLY",

@@ -22,9 +22,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from ..endpoint import PortMode
-from .config import SES_HOSTNAME, SandboxConfig, SandboxStats, SessionRecord
-from .faults import (
+from ses_tasks.sandbox.config import SES_HOSTNAME, SandboxConfig, SandboxStats, SessionRecord
+from ses_tasks.sandbox.faults import (
     AUTH_FAILED_REPLY,
     AUTH_OK_REPLY,
     AUTH_REQUIRED_REPLY,
@@ -37,7 +36,8 @@ from .faults import (
     judge_message,
     should_drop,
 )
-from .store import AcceptedMessage, JsonlWriter
+from ses_tasks.sandbox.store import AcceptedMessage, JsonlWriter
+from ses_tasks.smtp.endpoint import PortMode
 
 __all__ = ["SES_MESSAGE_ID_RE", "Runtime", "SesSMTP", "new_ses_message_id"]
 
@@ -141,9 +141,7 @@ class Runtime:
         self.active.discard(session)
         record = session.record
         record.closed_at = time.time()
-        self.event(
-            "disconnect", record, messages=record.messages, quit="QUIT" in record.commands
-        )
+        self.event("disconnect", record, messages=record.messages, quit="QUIT" in record.commands)
 
     def count_reply(self, code: int) -> None:
         counts = self.stats.replies_by_code

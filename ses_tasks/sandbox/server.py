@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from ..endpoint import Endpoint, PortMode
-from ..errors import ConfigurationError
-from .certs import SandboxCertificates, ensure_certificates, server_tls_context
-from .config import SandboxConfig, SandboxStats, SessionRecord
-from .faults import Faults
-from .protocol import Hooks, Runtime, SesSMTP
-from .store import AcceptedMessage, JsonlWriter
+from ses_tasks.errors import ConfigurationError
+from ses_tasks.sandbox.certs import SandboxCertificates, ensure_certificates, server_tls_context
+from ses_tasks.sandbox.config import SandboxConfig, SandboxStats, SessionRecord
+from ses_tasks.sandbox.faults import Faults
+from ses_tasks.sandbox.protocol import Hooks, Runtime, SesSMTP
+from ses_tasks.sandbox.store import AcceptedMessage, JsonlWriter
+from ses_tasks.smtp.endpoint import Endpoint, PortMode
 
 __all__ = ["Sandbox", "SandboxThread"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..endpoint import PortMode
+from ses_tasks.smtp.endpoint import PortMode
 
 __all__ = ["AcceptedMessage", "JsonlWriter", "read_jsonl", "read_messages"]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .connection import ConnectionInfo, ConnectionState
-from .pool import PoolStats, SmtpPool
-from .replies import (
+from ses_tasks.smtp.connection import ConnectionInfo, ConnectionState
+from ses_tasks.smtp.pool import PoolStats, SmtpPool
+from ses_tasks.smtp.replies import (
     SendResult,
     classify_exception,
     classify_reply,

@@ -27,9 +27,14 @@ from typing import Final
 import aiosmtplib
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from ..endpoint import Endpoint, PortMode
-from ..states import Outcome
-from .replies import NO_STARTTLS_REASON, SendResult, classify_exception, classify_reply
+from ses_tasks.smtp.endpoint import Endpoint, PortMode
+from ses_tasks.smtp.replies import (
+    NO_STARTTLS_REASON,
+    SendResult,
+    classify_exception,
+    classify_reply,
+)
+from ses_tasks.states import Outcome
 
 __all__ = ["ConnectionInfo", "ConnectionState", "SmtpConnection", "encode_payload"]
 

@@ -32,11 +32,16 @@ from typing import Any, Final, cast
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
-from ..endpoint import Endpoint
-from ..errors import ConfigurationError
-from ..states import Outcome
-from .connection import ConnectionInfo, ConnectionState, SmtpConnection, encode_payload
-from .replies import SendResult, to_error
+from ses_tasks.errors import ConfigurationError
+from ses_tasks.smtp.connection import (
+    ConnectionInfo,
+    ConnectionState,
+    SmtpConnection,
+    encode_payload,
+)
+from ses_tasks.smtp.endpoint import Endpoint
+from ses_tasks.smtp.replies import SendResult, to_error
+from ses_tasks.states import Outcome
 
 __all__ = [
     "DEFAULT_FATAL_COOLDOWN_S",

@@ -13,7 +13,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from ..errors import (
+from ses_tasks.errors import (
     DeliveryError,
     EndpointFatalError,
     PermanentDeliveryError,
@@ -23,7 +23,7 @@ from ..errors import (
     TransientDeliveryError,
     UnknownOutcomeError,
 )
-from ..states import Outcome
+from ses_tasks.states import Outcome
 
 __all__ = [
     "STAGES",

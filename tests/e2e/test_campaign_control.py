@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from ses_tasks.embedded import wait_for
-from ses_tasks.tracking import COUNTERS
+from ses_tasks.sandbox.embedded import wait_for
+from ses_tasks.store.tracking import COUNTERS
 
 
 def _recipients(prefix: str, n: int) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ses_tasks.sandbox import SES_MESSAGE_ID_RE
-from ses_tasks.tracking import COUNTERS
+from ses_tasks.store.tracking import COUNTERS
 
 from ..conftest import write_csv
 
@@ -84,7 +84,7 @@ def test_same_idempotency_key_sends_once(make_pipeline):
 def test_batch_results_are_json_records_in_the_result_backend(make_pipeline):
     from celery.result import AsyncResult
 
-    from ses_tasks.app import BATCH_TASK
+    from ses_tasks.queue.app import BATCH_TASK
 
     pipeline = make_pipeline("tls")
     pipeline.start_worker(concurrency=1)

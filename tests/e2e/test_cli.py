@@ -14,7 +14,7 @@ import pytest
 
 from ..conftest import write_csv
 
-CLI = [sys.executable, "-m", "ses_tasks.cli"]
+CLI = [sys.executable, "-m", "ses_tasks.ops.cli"]
 
 
 def run(
@@ -136,7 +136,7 @@ def test_demo_runs_without_a_redis_server_on_the_path(tmp_path: Path):
     bindir.mkdir()
     (bindir / "python").symlink_to(sys.executable)
     result = subprocess.run(
-        [sys.executable, "-m", "ses_tasks.cli", "demo", "--recipients", "300", "--json"],
+        [sys.executable, "-m", "ses_tasks.ops.cli", "demo", "--recipients", "300", "--json"],
         env={**os.environ, "PATH": str(bindir)},
         capture_output=True,
         text=True,

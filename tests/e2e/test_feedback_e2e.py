@@ -14,7 +14,7 @@ from ses_tasks.feedback.server import ServerThread
 from ses_tasks.feedback.settings import FeedbackSettings
 from ses_tasks.feedback.testing import SnsTestSigner
 from ses_tasks.states import CampaignState, MessageState
-from ses_tasks.tracking import COUNTERS
+from ses_tasks.store.tracking import COUNTERS
 
 from ..conftest import write_csv
 from ..integration.test_feedback_apply import example

@@ -8,10 +8,10 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from ses_tasks.embedded import wait_for
-from ses_tasks.quota import DailyQuota
-from ses_tasks.ratelimit import FleetRateLimiter
-from ses_tasks.tracking import COUNTERS
+from ses_tasks.limits.quota import DailyQuota
+from ses_tasks.limits.ratelimit import FleetRateLimiter
+from ses_tasks.sandbox.embedded import wait_for
+from ses_tasks.store.tracking import COUNTERS
 
 from ..conftest import REDIS_URL
 
@@ -21,7 +21,9 @@ def _limiter_status(settings):
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             limiter = FleetRateLimiter(
-                client, key_prefix=settings.key_prefix, rate_per_s=settings.max_send_rate,
+                client,
+                key_prefix=settings.key_prefix,
+                rate_per_s=settings.max_send_rate,
                 burst=settings.burst,
             )
             return await limiter.status()
@@ -33,18 +35,24 @@ def _limiter_status(settings):
 
 def test_throttling_backs_off_and_recovers_and_nothing_fails(make_pipeline):
     pipeline = make_pipeline(
-        "starttls", sandbox_args=["--throttle-rate", "0.1", "--seed", "7"],
+        "starttls",
+        sandbox_args=["--throttle-rate", "0.1", "--seed", "7"],
         SES_TASKS_MAX_SEND_RATE="400",
     )
     pipeline.start_worker(concurrency=2)
     client = pipeline.client
     status = client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=[f"th{i}@example.com" for i in range(600)], campaign_id="throttled",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=[f"th{i}@example.com" for i in range(600)],
+        campaign_id="throttled",
     )
     lowered = wait_for(
         lambda: (s := _limiter_status(pipeline.settings)).effective_rate_per_s < 400 and s,
-        timeout_s=60, interval_s=0.05, what="the fleet rate to drop after a 454",
+        timeout_s=60,
+        interval_s=0.05,
+        what="the fleet rate to drop after a 454",
     )
     assert lowered.last_change_reason == "throttle"
     final = pipeline.wait_done(status.id, timeout_s=120)
@@ -55,25 +63,34 @@ def test_throttling_backs_off_and_recovers_and_nothing_fails(make_pipeline):
     assert len(delivered) == 600 and max(delivered.values()) == 1
     recovered = wait_for(
         lambda: (s := _limiter_status(pipeline.settings)).effective_rate_per_s >= 400 and s,
-        timeout_s=60, interval_s=0.2, what="the fleet rate to recover",
+        timeout_s=60,
+        interval_s=0.2,
+        what="the fleet rate to recover",
     )
     assert recovered.last_change_reason == "recover"
 
 
 def test_quota_runs_out_mid_campaign_defers_then_completes(make_pipeline):
     pipeline = make_pipeline(
-        "tls", SES_TASKS_MAX_24H_SEND="150", SES_TASKS_QUOTA_WINDOW_S="4",
+        "tls",
+        SES_TASKS_MAX_24H_SEND="150",
+        SES_TASKS_QUOTA_WINDOW_S="4",
         SES_TASKS_MAX_SEND_RATE="1000",
     )
     pipeline.start_worker(concurrency=2)
     client = pipeline.client
     status = client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=[f"q{i}@example.com" for i in range(400)], campaign_id="quota",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=[f"q{i}@example.com" for i in range(400)],
+        campaign_id="quota",
     )
     deferred = wait_for(
         lambda: (s := client.campaign_status("quota")).counts["deferred"] > 0 and s,
-        timeout_s=30, interval_s=0.05, what="messages deferred by the quota",
+        timeout_s=30,
+        interval_s=0.05,
+        what="messages deferred by the quota",
     )
     assert deferred.counts["failed"] == 0
     assert deferred.counts["sent"] <= 150
@@ -90,18 +107,27 @@ def test_quota_runs_out_mid_campaign_defers_then_completes(make_pipeline):
 
 def test_ses_daily_quota_reply_defers_instead_of_failing(make_pipeline):
     pipeline = make_pipeline(
-        "starttls", sandbox_args=["--daily-quota", "100"], SES_TASKS_QUOTA_WINDOW_S="3",
+        "starttls",
+        sandbox_args=["--daily-quota", "100"],
+        SES_TASKS_QUOTA_WINDOW_S="3",
     )
     pipeline.start_worker(concurrency=1)
     client = pipeline.client
     client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=[f"d{i}@example.com" for i in range(160)], campaign_id="sesquota",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=[f"d{i}@example.com" for i in range(160)],
+        campaign_id="sesquota",
     )
 
     def settled():
         s = client.campaign_status("sesquota")
-        return s if s.counts["sent"] == 100 and s.counts["deferred"] + s.counts["retrying"] > 0 else None
+        return (
+            s
+            if s.counts["sent"] == 100 and s.counts["deferred"] + s.counts["retrying"] > 0
+            else None
+        )
 
     status = wait_for(settled, timeout_s=30, interval_s=0.05, what="quota deferral")
     assert status.counts["failed"] == 0
@@ -109,8 +135,9 @@ def test_ses_daily_quota_reply_defers_instead_of_failing(make_pipeline):
     async def quota_status():
         c = aioredis.Redis.from_url(REDIS_URL)
         try:
-            return await DailyQuota(c, key_prefix=pipeline.settings.key_prefix, limit=None,
-                                    window_s=3).status()
+            return await DailyQuota(
+                c, key_prefix=pipeline.settings.key_prefix, limit=None, window_s=3
+            ).status()
         finally:
             await c.aclose()
 
@@ -122,11 +149,16 @@ def test_transactional_send_is_fast_while_a_campaign_saturates_the_rate(make_pip
     pipeline.start_worker(concurrency=2, queues="bulk")
     pipeline.start_worker(concurrency=1, queues="transactional")
     client = pipeline.client
-    warm = client.send_email(from_="app@example.com", to=["warm@example.com"], subject="w", text="w")
+    warm = client.send_email(
+        from_="app@example.com", to=["warm@example.com"], subject="w", text="w"
+    )
     assert warm.get(timeout=60)["state"] == "sent"
     client.send_campaign(
-        from_="news@example.com", subject="Hi", text="x",
-        recipients=[f"sat{i}@example.com" for i in range(2000)], campaign_id="saturating",
+        from_="news@example.com",
+        subject="Hi",
+        text="x",
+        recipients=[f"sat{i}@example.com" for i in range(2000)],
+        campaign_id="saturating",
     )
     wait_for(lambda: client.campaign_status("saturating").counts["sent"] >= 300, timeout_s=60)
     latencies = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ses_tasks.embedded import WorkerProcess, free_port, wait_for
+from ses_tasks.sandbox.embedded import WorkerProcess, free_port, wait_for
 
 from ..conftest import write_csv
 

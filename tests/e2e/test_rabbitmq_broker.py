@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from kombu import Connection
 
-from ses_tasks.app import all_queues
+from ses_tasks.queue.app import all_queues
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 

@@ -6,8 +6,8 @@ import os
 import signal
 from collections import Counter
 
-from ses_tasks.embedded import wait_for
-from ses_tasks.tracking import COUNTERS
+from ses_tasks.sandbox.embedded import wait_for
+from ses_tasks.store.tracking import COUNTERS
 
 
 def _connects(pipeline) -> int:

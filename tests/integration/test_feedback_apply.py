@@ -22,8 +22,8 @@ from ses_tasks.feedback.sns import SnsVerifier
 from ses_tasks.feedback.testing import SnsTestSigner
 from ses_tasks.sandbox import new_ses_message_id
 from ses_tasks.states import CampaignState, MessageState
-from ses_tasks.suppression import SuppressionList
-from ses_tasks.tracking import COUNTERS, StatusStore, Transition
+from ses_tasks.store.suppression import SuppressionList
+from ses_tasks.store.tracking import COUNTERS, StatusStore, Transition
 
 from ..conftest import REDIS_URL, env_vars
 
@@ -203,13 +203,13 @@ def test_one_early_bounce_does_not_pause_but_the_rate_over_the_sample_does(env):
     store, applier, _ = env
     sent = sent_campaign(store, "fb5", 10)
     emails = sorted(sent)
-    store.set_campaign_state("fb5", CampaignState.RUNNING)
+    store.redis.hset(store.keys.campaign("fb5"), "state", "running")
     first = applier.apply(parse_event(example("event_bounce", sent[emails[0]][1], emails[0])))
     assert first.paused is None  # 1/10 = 10%, but 10 sent < min_sample 20
     assert store.campaign_status("fb5").state is CampaignState.RUNNING
 
     more = sent_campaign(store, "fb6", 40)
-    store.set_campaign_state("fb6", CampaignState.RUNNING)
+    store.redis.hset(store.keys.campaign("fb6"), "state", "running")
     emails = sorted(more)
     r1 = applier.apply(parse_event(example("event_bounce", more[emails[0]][1], emails[0])))
     assert r1.paused is None  # 1/40 = 2.5% < 5%
@@ -223,7 +223,7 @@ def test_one_early_bounce_does_not_pause_but_the_rate_over_the_sample_does(env):
 def test_complaint_rate_pauses(env):
     store, applier, _ = env
     sent = sent_campaign(store, "fb7", 30)
-    store.set_campaign_state("fb7", CampaignState.RUNNING)
+    store.redis.hset(store.keys.campaign("fb7"), "state", "running")
     email = sorted(sent)[0]
     result = applier.apply(parse_event(example("event_complaint", sent[email][1], email)))
     assert result.paused is not None and "complaint rate" in result.paused

@@ -14,8 +14,8 @@ from ses_tasks.feedback import FeedbackHandler
 from ses_tasks.feedback.settings import FeedbackSettings
 from ses_tasks.feedback.testing import SnsTestSigner
 from ses_tasks.sandbox import SES_MESSAGE_ID_RE
-from ses_tasks.suppression import SuppressionList
-from ses_tasks.tracking import COUNTERS
+from ses_tasks.store.suppression import SuppressionList
+from ses_tasks.store.tracking import COUNTERS
 
 from ..conftest import write_csv
 from .test_feedback_apply import example

@@ -10,9 +10,9 @@ import pytest
 
 flask = pytest.importorskip("flask")
 
-from ses_tasks.embedded import wait_for  # noqa: E402
 from ses_tasks.errors import ConfigurationError  # noqa: E402
 from ses_tasks.integrations.flask import SesTasksFlask  # noqa: E402
+from ses_tasks.sandbox.embedded import wait_for  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flask_app" / "app.py"
 

@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 
-from ses_tasks.endpoint import Endpoint, PortMode, make_tls_context, resolve_endpoint
 from ses_tasks.errors import ConfigurationError, EndpointFatalError, TLSPolicyError
 from ses_tasks.sandbox import Faults, Sandbox, SandboxConfig
 from ses_tasks.smtp import SendResult, SmtpPool, to_error
+from ses_tasks.smtp.endpoint import Endpoint, PortMode, make_tls_context, resolve_endpoint
 from ses_tasks.smtp.replies import NO_STARTTLS_REASON
 from ses_tasks.states import Outcome
 

@@ -20,8 +20,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ses_tasks.quota import DailyQuota
-from ses_tasks.ratelimit import FleetRateLimiter, Priority
+from ses_tasks.limits.quota import DailyQuota
+from ses_tasks.limits.ratelimit import FleetRateLimiter, Priority
 
 REDIS_URL = os.environ.get("SES_TASKS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RATE_PER_S = 200.0

@@ -30,18 +30,17 @@ import pytest
 import redis
 from redis.cluster import key_slot
 
-from ses_tasks.campaigns import CampaignProducer
 from ses_tasks.config import Settings
-from ses_tasks.delivery import BatchItem, BatchJob
 from ses_tasks.errors import CampaignError
 from ses_tasks.feedback import FeedbackApplier, parse_event
 from ses_tasks.keys import TRANSACTIONAL, Keys
-from ses_tasks.message import CampaignTemplate
-from ses_tasks.quota import DailyQuota
-from ses_tasks.ratelimit import FleetRateLimiter, Priority
+from ses_tasks.limits.quota import DailyQuota
+from ses_tasks.limits.ratelimit import FleetRateLimiter, Priority
+from ses_tasks.message.spec import CampaignTemplate
+from ses_tasks.produce.campaigns import CampaignProducer
 from ses_tasks.states import CampaignState, ClaimDecision, MessageState
-from ses_tasks.suppression import SuppressionList
-from ses_tasks.tracking import (
+from ses_tasks.store.suppression import SuppressionList
+from ses_tasks.store.tracking import (
     COUNTERS,
     AsyncStatusStore,
     CampaignStatus,
@@ -51,6 +50,7 @@ from ses_tasks.tracking import (
     Transition,
     _Base,
 )
+from ses_tasks.worker.delivery import BatchItem, BatchJob
 
 from ..cluster_support import CLUSTER_SLOTS, LocalCluster, redis_server_path
 

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import aiosmtplib
 import pytest
 
-from ses_tasks.endpoint import make_tls_context
 from ses_tasks.sandbox import (
     SES_MESSAGE_ID_RE,
     Faults,
@@ -32,6 +31,7 @@ from ses_tasks.sandbox import (
     read_jsonl,
     read_messages,
 )
+from ses_tasks.smtp.endpoint import make_tls_context
 
 T = TypeVar("T")
 USER = "AKIAEXAMPLE"

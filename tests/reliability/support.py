@@ -12,9 +12,9 @@ from typing import Any
 
 import redis
 
-from ses_tasks.client import SesTasks
-from ses_tasks.embedded import free_port, wait_for
-from ses_tasks.tracking import COUNTERS, CampaignStatus, MessageRecord, parse_message
+from ses_tasks.produce.client import SesTasks
+from ses_tasks.sandbox.embedded import free_port, wait_for
+from ses_tasks.store.tracking import COUNTERS, CampaignStatus, MessageRecord, parse_message
 
 
 def records(client: SesTasks, campaign_id: str, total: int) -> dict[int, MessageRecord | None]:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from ses_tasks.app import all_queues
-from ses_tasks.embedded import wait_for
+from ses_tasks.queue.app import all_queues
+from ses_tasks.sandbox.embedded import wait_for
 
 from .support import adds_up, delivered
 

@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 import redis
 
-from ses_tasks.app import PUBLISH_RETRY_POLICY, celery_config
 from ses_tasks.config import Settings, load_settings, redact_url
-from ses_tasks.connections import (
+from ses_tasks.errors import ConfigurationError
+from ses_tasks.queue.app import PUBLISH_RETRY_POLICY, celery_config
+from ses_tasks.sandbox.embedded import WorkerProcess, wait_for
+from ses_tasks.store.connections import (
     DEFAULT_SOCKET_TIMEOUT_S,
     HEALTH_CHECK_INTERVAL_S,
     SentinelURL,
@@ -32,8 +34,6 @@ from ses_tasks.connections import (
     parse_sentinel_url,
     sync_redis,
 )
-from ses_tasks.embedded import WorkerProcess, wait_for
-from ses_tasks.errors import ConfigurationError
 
 from ..conftest import REDIS_URL
 from .support import PrivateRedis, adds_up
@@ -60,8 +60,8 @@ def test_importing_the_package_reads_no_environment():
     """A worker-only setting that is wrong must not break ``import`` in a web process."""
     result = _python(
         """
-        import ses_tasks.integrations.django, ses_tasks.app, ses_tasks.tasks
-        from ses_tasks.app import app
+        import ses_tasks.integrations.django, ses_tasks.queue.app, ses_tasks.queue.tasks
+        from ses_tasks.queue.app import app
         from ses_tasks.errors import ConfigurationError
         assert not app.configured
         try:
@@ -81,8 +81,8 @@ def test_lazy_app_takes_the_broker_from_the_settings_when_first_used():
     result = _python(
         """
         import os
-        from ses_tasks.app import app, BATCH_TASK
-        import ses_tasks.tasks
+        from ses_tasks.queue.app import app, BATCH_TASK
+        import ses_tasks.queue.tasks
         os.environ["SES_TASKS_BROKER_URL"] = "redis://127.0.0.1:6379/3"
         print(app.conf.broker_url, app.conf.task_acks_late)
         app.finalize()
@@ -237,7 +237,7 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 port, variant = PORT, VARIANT
 if variant == "patched":
-    from ses_tasks.connections import patch_kombu_redis
+    from ses_tasks.store.connections import patch_kombu_redis
     assert patch_kombu_redis()
 server = subprocess.Popen(
     ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -293,7 +293,7 @@ else:
 @pytest.mark.parametrize("variant", ["unpatched", "patched"])
 def test_kombu_collect_then_close_with_redis_down(variant: str):
     """The unpatched run shows the upstream bug; if it stops failing, drop the patch."""
-    from ses_tasks.embedded import free_port
+    from ses_tasks.sandbox.embedded import free_port
 
     code = KOMBU_SCENARIO.replace("PORT", str(free_port())).replace("VARIANT", repr(variant))
     result = _python(code)
@@ -526,8 +526,8 @@ def _exists(pid: int) -> bool:
 
 SUPERVISED = """
 import logging, sys
-from ses_tasks.cli import _Supervisor
-import ses_tasks.cli as cli
+from ses_tasks.ops.cli import _Supervisor
+import ses_tasks.ops.cli as cli
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 cli.RESTART_BACKOFF_S = (0.05, 0.1)
 sys.exit(_Supervisor([sys.executable, "-c", {child!r}]).run())

@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 import redis
 
-from ses_tasks.client import SesTasks
-from ses_tasks.embedded import SandboxProcess, WorkerProcess, wait_for
-from ses_tasks.ratelimit import load_lua
-from ses_tasks.tracking import CLAIM_LUA, COUNTERS, FINISH_LUA
+from ses_tasks.limits.ratelimit import load_lua
+from ses_tasks.produce.client import SesTasks
+from ses_tasks.sandbox.embedded import SandboxProcess, WorkerProcess, wait_for
+from ses_tasks.store.tracking import CLAIM_LUA, COUNTERS, FINISH_LUA
 from tests.conftest import REDIS_URL, delete_prefix, settings_from_env
 from tests.faults import (
     Action,

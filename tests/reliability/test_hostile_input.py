@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import redis
 
-from ses_tasks.client import SesTasks
 from ses_tasks.config import Settings
 from ses_tasks.errors import ConfigurationError, ValidationError
+from ses_tasks.produce.client import SesTasks
 
 from ..conftest import REDIS_URL
 from .support import adds_up
@@ -236,7 +236,7 @@ def test_send_email_refuses_with_the_exact_reason(client, key_prefix, fields, ex
 
 def test_idn_domain_is_sent_as_punycode(client):
     spec = client.build_message(**{**BASE, "to": ["user@bücher.example"]})
-    from ses_tasks.message import render_message
+    from ses_tasks.message.spec import render_message
 
     assert render_message(spec).recipients == ["user@xn--bcher-kva.example"]
 
@@ -551,7 +551,7 @@ def test_cli_refuses_with_one_line(tmp_path, key_prefix, args, env, expected):
     if argv[0] == "send" or argv[:2] == ["campaign", "send"]:
         argv += ["--text", str(tmp_path / "body.txt")]
     result = subprocess.run(
-        [sys.executable, "-m", "ses_tasks.cli", *argv],
+        [sys.executable, "-m", "ses_tasks.ops.cli", *argv],
         env={
             **os.environ,
             "SES_TASKS_REDIS_URL": REDIS_URL,

@@ -12,11 +12,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from ses_tasks.embedded import SandboxProcess, wait_for
 from ses_tasks.errors import CampaignError
+from ses_tasks.sandbox.embedded import SandboxProcess, wait_for
 
 from .support import PrivateRedis, adds_up, delivered, records, seq_of
 
@@ -131,7 +130,7 @@ def _exists(client: Any) -> bool:
 
 
 def test_claim_for_a_campaign_lost_with_redis_sends_nothing(redis_client, key_prefix):
-    from ses_tasks.tracking import StatusStore
+    from ses_tasks.store.tracking import StatusStore
 
     store = StatusStore(redis_client, key_prefix=key_prefix)
     reply = store.claim(
@@ -147,7 +146,7 @@ def test_claim_for_a_campaign_lost_with_redis_sends_nothing(redis_client, key_pr
 
 
 def test_single_message_whose_records_were_lost_is_counted_again(redis_client, key_prefix):
-    from ses_tasks.tracking import StatusStore
+    from ses_tasks.store.tracking import StatusStore
 
     store = StatusStore(redis_client, key_prefix=key_prefix)
     (claim,) = store.claim(

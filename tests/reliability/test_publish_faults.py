@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from ses_tasks.app import create_app
-from ses_tasks.client import SesTasks
-from ses_tasks.embedded import free_port, wait_for
 from ses_tasks.errors import SesTasksError
+from ses_tasks.produce.client import SesTasks
+from ses_tasks.queue.app import create_app
+from ses_tasks.sandbox.embedded import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

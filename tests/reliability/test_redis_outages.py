@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from ses_tasks.embedded import wait_for
 from ses_tasks.errors import CampaignError
+from ses_tasks.sandbox.embedded import wait_for
 
 from .support import PrivateRedis, adds_up, delivered
 

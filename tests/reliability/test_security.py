@@ -22,19 +22,25 @@ import pytest
 import redis
 import trustme
 
-from ses_tasks.app import BATCH_TASK, bulk_queue
 from ses_tasks.config import Settings, load_settings
-from ses_tasks.credentials import smtp_password
-from ses_tasks.direct import probe
-from ses_tasks.embedded import SANDBOX_USERNAME, SandboxProcess, WorkerProcess, free_port, wait_for
-from ses_tasks.endpoint import PortMode, make_tls_context
 from ses_tasks.errors import (
     ConfigurationError,
     DeliveryError,
     TLSPolicyError,
     TransientDeliveryError,
 )
+from ses_tasks.ops.direct import probe
+from ses_tasks.queue.app import BATCH_TASK, bulk_queue
 from ses_tasks.sandbox import SandboxConfig, SandboxThread
+from ses_tasks.sandbox.embedded import (
+    SANDBOX_USERNAME,
+    SandboxProcess,
+    WorkerProcess,
+    free_port,
+    wait_for,
+)
+from ses_tasks.smtp.credentials import smtp_password
+from ses_tasks.smtp.endpoint import PortMode, make_tls_context
 
 from ..conftest import REDIS_URL, Pipeline, settings_from_env
 from .support import PrivateRedis, adds_up

@@ -1,7 +1,7 @@
 """Redis Sentinel: a primary, a replica and a sentinel on 127.0.0.1, then a failover.
 
 URL form (the same for SES_TASKS_BROKER_URL, SES_TASKS_RESULT_BACKEND, SES_TASKS_REDIS_URL):
-``sentinel://127.0.0.1:PORT/0?master_name=mymaster`` (see ``ses_tasks.connections``).
+``sentinel://127.0.0.1:PORT/0?master_name=mymaster`` (see ``ses_tasks.store.connections``).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis
 
-from ses_tasks.client import SesTasks
-from ses_tasks.connections import async_redis, sync_redis
-from ses_tasks.embedded import WorkerProcess, free_port, wait_for
+from ses_tasks.produce.client import SesTasks
+from ses_tasks.sandbox.embedded import WorkerProcess, free_port, wait_for
+from ses_tasks.store.connections import async_redis, sync_redis
 
 from .support import adds_up
 
@@ -286,7 +286,7 @@ def test_everything_through_sentinel_survives_a_failover(
     """Broker, results and the status store all on the sentinel group, then a failover.
 
     Needs SesTasks.redis (client.py) and WorkerRuntime.redis (workers/runtime.py) built
-    with ``ses_tasks.connections``.
+    with ``ses_tasks.store.connections``.
     """
     pipeline = _sentinel_pipeline(
         make_pipeline, sentinel_group, SES_TASKS_REDIS_URL=sentinel_group.url()

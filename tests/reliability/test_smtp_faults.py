@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from ses_tasks.embedded import wait_for
 from ses_tasks.sandbox import SES_MESSAGE_ID_RE
+from ses_tasks.sandbox.embedded import wait_for
 
 from .support import adds_up, delivered, records, seq_of
 

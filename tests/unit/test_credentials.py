@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ses_tasks.credentials import smtp_password
+from ses_tasks.smtp.credentials import smtp_password
 
 VECTORS = [
     ("some+secret+key", "eu-central-1", "BMXhUYlu5Z3gSXVQORxlVa7XPaz91aGWdfHxvkOZdWZ2"),

@@ -20,7 +20,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, ReadOnlyError, RedisError, ResponseError
 
 from ses_tasks.config import Settings
-from ses_tasks.delivery import (
+from ses_tasks.limits.quota import QuotaDecision
+from ses_tasks.limits.ratelimit import Priority
+from ses_tasks.message.spec import CampaignTemplate
+from ses_tasks.smtp.replies import SendResult
+from ses_tasks.states import CampaignState, MessageState, Outcome
+from ses_tasks.store.tracking import COUNTERS, AsyncStatusStore, LedgerEntry, StatusStore
+from ses_tasks.worker.delivery import (
     BatchItem,
     BatchJob,
     Policy,
@@ -29,12 +35,6 @@ from ses_tasks.delivery import (
     decide,
     deliver,
 )
-from ses_tasks.message import CampaignTemplate
-from ses_tasks.quota import QuotaDecision
-from ses_tasks.ratelimit import Priority
-from ses_tasks.smtp.replies import SendResult
-from ses_tasks.states import CampaignState, MessageState, Outcome
-from ses_tasks.tracking import COUNTERS, AsyncStatusStore, LedgerEntry, StatusStore
 
 # decide(): the one copy of the outcome policy ---------------------------------------------
 

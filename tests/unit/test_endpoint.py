@@ -7,8 +7,8 @@ import ssl
 
 import pytest
 
-from ses_tasks.endpoint import PortMode, make_tls_context, resolve_endpoint, ses_host
 from ses_tasks.errors import ConfigurationError
+from ses_tasks.smtp.endpoint import PortMode, make_tls_context, resolve_endpoint, ses_host
 
 
 def test_region_to_host_and_fips():

@@ -8,7 +8,7 @@ import json
 import fakeredis
 import pytest
 
-from ses_tasks.suppression import SuppressionList
+from ses_tasks.store.suppression import SuppressionList
 
 
 @pytest.fixture

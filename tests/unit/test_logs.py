@@ -13,8 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from ses_tasks.config import Settings
-from ses_tasks.credentials import smtp_password
-from ses_tasks.logs import (
+from ses_tasks.ops.logs import (
     MASK,
     ContextTextFormatter,
     configure_logging,
@@ -23,6 +22,7 @@ from ses_tasks.logs import (
     redact_text,
     secrets_from_settings,
 )
+from ses_tasks.smtp.credentials import smtp_password
 
 PASSWORD = "BPaSsWoRd+smtp/SECRET123="
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"

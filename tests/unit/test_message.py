@@ -14,7 +14,7 @@ import pytest
 
 from ses_tasks import mime
 from ses_tasks.errors import ValidationError
-from ses_tasks.message import (
+from ses_tasks.message.spec import (
     DEFAULT_MAX_BYTES,
     MAX_RECIPIENTS,
     Attachment,

@@ -17,7 +17,7 @@ from markupsafe import escape
 
 from ses_tasks import mime
 from ses_tasks.errors import ValidationError
-from ses_tasks.message import CampaignTemplate, MessageSpec, RenderedMessage, render_message
+from ses_tasks.message.spec import CampaignTemplate, MessageSpec, RenderedMessage, render_message
 
 # Derandomized and without an example database so runs are repeatable and the tree stays
 # clean; 4,000 random examples per property were also run while developing.

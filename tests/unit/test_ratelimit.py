@@ -12,8 +12,8 @@ import fakeredis
 import pytest
 
 from ses_tasks.errors import ConfigurationError, SesTasksError, ValidationError
-from ses_tasks.quota import DailyQuota, QuotaUnavailableError
-from ses_tasks.ratelimit import (
+from ses_tasks.limits.quota import DailyQuota, QuotaUnavailableError
+from ses_tasks.limits.ratelimit import (
     FleetRateLimiter,
     LimiterUnavailableError,
     Priority,
@@ -285,7 +285,7 @@ def test_throttle_halves_once_per_guard_interval(caplog: pytest.LogCaptureFixtur
             rates.append(await lim.on_throttle())
         return rates
 
-    with caplog.at_level(logging.INFO, logger="ses_tasks.ratelimit"):
+    with caplog.at_level(logging.INFO, logger="ses_tasks.limits.ratelimit"):
         rates = run(main())
     assert rates[:3] == [50.0, 50.0, 50.0]
     assert rates[3] == pytest.approx(27.5)
@@ -308,7 +308,7 @@ def test_rate_recovers_additively_from_server_time(caplog: pytest.LogCaptureFixt
         seen.append(await lim.status())
         return seen
 
-    with caplog.at_level(logging.INFO, logger="ses_tasks.ratelimit"):
+    with caplog.at_level(logging.INFO, logger="ses_tasks.limits.ratelimit"):
         throttled, early, later, full = run(main())
     assert throttled.effective_rate_per_s == 50.0
     assert throttled.last_change_reason == "throttle"
@@ -574,7 +574,7 @@ def test_quota_options_are_validated() -> None:
         assert info.value.setting == setting
 
 
-# --- scrape-time gauges (ses_tasks.metrics.FleetCollector) -------------------------------
+# --- scrape-time gauges (ses_tasks.ops.metrics.FleetCollector) -------------------------------
 
 
 class CountedClients:

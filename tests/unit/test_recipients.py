@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ses_tasks.errors import ValidationError
-from ses_tasks.recipients import MAX_FIELD_BYTES, Recipient, RowError, open_recipients
+from ses_tasks.produce.recipients import MAX_FIELD_BYTES, Recipient, RowError, open_recipients
 
 
 def rows(path: Path) -> list[Recipient | RowError]:
@@ -88,5 +88,5 @@ def test_jsonl_rows_and_errors(tmp_path):
 def test_unknown_extension_is_refused(tmp_path):
     path = tmp_path / "r.txt"
     path.write_text("email\na@example.com\n")
-    with pytest.raises(ValidationError, match="use a .csv or .jsonl file"):
+    with pytest.raises(ValidationError, match=r"use a \.csv or \.jsonl file"):
         open_recipients(path)

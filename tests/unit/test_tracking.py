@@ -8,10 +8,10 @@ import json
 import fakeredis
 import pytest
 
-from ses_tasks.embedded import wait_for
 from ses_tasks.errors import CampaignError
+from ses_tasks.sandbox.embedded import wait_for
 from ses_tasks.states import CampaignState, ClaimDecision, MessageState
-from ses_tasks.tracking import (
+from ses_tasks.store.tracking import (
     COUNTERS,
     AsyncStatusStore,
     LedgerEntry,

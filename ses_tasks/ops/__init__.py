@@ -1,0 +1,1 @@
+"""Operating it: the CLI, progress, metrics, logs, observers, direct sends."""

@@ -1,0 +1,694 @@
+"""``ses-tasks``: the command line. User errors print one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import redis
+
+from ses_tasks.config import Settings, load_settings
+from ses_tasks.errors import SesTasksError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    click.echo(f"ses-tasks: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(func: F) -> F:
+    """Turn our errors and unreachable services into one clear line and an exit status."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SesTasksError as exc:
+            _fail(str(exc))
+        except redis.ConnectionError as exc:
+            _fail(f"cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL", EXIT_FAILURE)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _client(**overrides: Any) -> Any:
+    from ses_tasks.produce.client import SesTasks
+
+    return SesTasks(_settings(**overrides))
+
+
+def _read(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SesTasksError(f"--{what}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SesTasksError(f"--{what}: {path} is not UTF-8 text") from None
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=str, sort_keys=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ses-tasks")
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+def main(verbose: int) -> None:
+    """Bulk and transactional email through Amazon SES SMTP, with Celery."""
+    # Commands report failures as one line; library warnings only with -v.
+    level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="ses-tasks: %(levelname)s %(name)s: %(message)s")
+
+
+# send ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--from", "from_", required=True, help="Sender, 'Name <addr>' allowed.")
+@click.option("--to", multiple=True, required=True)
+@click.option("--cc", multiple=True)
+@click.option("--bcc", multiple=True)
+@click.option("--reply-to", multiple=True)
+@click.option("--subject", required=True)
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), help="Text body file.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="HTML body file.")
+@click.option("--idempotency-key", help="Enqueue the same key twice, send once.")
+@click.option("--direct", is_flag=True, help="Send now through the pool, without the queue.")
+@click.option("--wait", is_flag=True, help="Wait for the final state.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def send(
+    from_: str,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    reply_to: tuple[str, ...],
+    subject: str,
+    text_file: str | None,
+    html_file: str | None,
+    idempotency_key: str | None,
+    direct: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Send one message: enqueued (prints the message id) or --direct (prints the SES id)."""
+    fields = {
+        "from": from_,
+        "to": list(to),
+        "cc": list(cc),
+        "bcc": list(bcc),
+        "reply_to": list(reply_to),
+        "subject": subject,
+        "text": _read(text_file, "text"),
+        "html": _read(html_file, "html"),
+        "idempotency_key": idempotency_key,
+    }
+    if direct:
+        from ses_tasks.ops.direct import send_direct
+
+        settings = _settings()
+        result = send_direct(settings, fields)
+        if as_json:
+            _print_json({"state": "sent", "ses_message_id": result.ses_message_id})
+        else:
+            click.echo(result.ses_message_id)
+        return
+    client = _client()
+    handle = client.send_email(**fields)
+    if not wait:
+        _print_json({"id": handle.message_id}) if as_json else click.echo(handle.message_id)
+        return
+    record = handle.get(timeout=300, propagate=False)
+    if as_json:
+        _print_json(record)
+    else:
+        click.echo(
+            f"{handle.message_id} {record.get('state')} {record.get('ses_message_id') or ''}"
+        )
+    if record.get("state") != "sent":
+        sys.exit(EXIT_FAILURE)
+
+
+# campaign --------------------------------------------------------------------------------
+
+
+@main.group()
+def campaign() -> None:
+    """Send and control campaigns."""
+
+
+@campaign.command("send")
+@click.option("--from", "from_", required=True)
+@click.option("--subject", required=True, help="Jinja2 template.")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False))
+@click.option("--html", "html_file", type=click.Path(dir_okay=False))
+@click.option("--recipients", required=True, type=click.Path(dir_okay=False))
+@click.option("--id", "campaign_id")
+@click.option("--reply-to", multiple=True)
+@click.option("--unsubscribe-url", help="List-Unsubscribe one-click URL (template).")
+@click.option("--unsubscribe-mailto")
+@click.option("--tag", "tags", multiple=True, help="SES message tag name=value.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted enqueue of --id.")
+@click.option("--wait", is_flag=True, help="Show progress until every message is final.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def campaign_send(
+    from_: str,
+    subject: str,
+    text_file: str | None,
+    html_file: str | None,
+    recipients: str,
+    campaign_id: str | None,
+    reply_to: tuple[str, ...],
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+    tags: tuple[str, ...],
+    resume: bool,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    """Enqueue a campaign; recipients is a CSV (email column) or JSONL file."""
+    from ses_tasks.ops.progress import enqueue_progress, wait_progress
+
+    client = _client()
+    options: dict[str, Any] = {}
+    if reply_to:
+        options["reply_to"] = list(reply_to)
+    if unsubscribe_url:
+        options["list_unsubscribe_url"] = unsubscribe_url
+    if unsubscribe_mailto:
+        options["list_unsubscribe_mailto"] = unsubscribe_mailto
+    if tags:
+        options["tags"] = dict(_parse_tag(t) for t in tags)
+    quiet = as_json or not sys.stderr.isatty()
+    with enqueue_progress(Path(recipients), quiet=quiet) as advance:
+        status = client.send_campaign(
+            from_=from_,
+            subject=subject,
+            text=_read(text_file, "text"),
+            html=_read(html_file, "html"),
+            recipients=recipients,
+            campaign_id=campaign_id,
+            progress=advance,
+            resume=resume,
+            **options,
+        )
+    if wait:
+        status = wait_progress(client, status.id, quiet=quiet)
+    if as_json:
+        _print_json(status.to_dict() if wait else {"id": status.id, "total": status.total})
+    else:
+        click.echo(status.id)
+        if wait:
+            click.echo(_counts_line(status.to_dict()), err=True)
+    if wait and not status.done:
+        _fail(f"campaign {status.id} is {status.state.value}: {status.reason}", EXIT_FAILURE)
+
+
+def _parse_tag(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SesTasksError(f"--tag {text!r}: use name=value")
+    return name, value
+
+
+def _counts_line(data: dict[str, Any]) -> str:
+    from ses_tasks.store.tracking import COUNTERS
+
+    parts = [f"{name}={data[name]}" for name in COUNTERS if data.get(name)]
+    return f"{data['id']}: {data['state']} total={data['total']} " + " ".join(parts)
+
+
+@campaign.command("status")
+@click.argument("campaign_id")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def campaign_status(campaign_id: str, as_json: bool) -> None:
+    """Counters by state; they always add up to the total."""
+    status = _client().campaign_status(campaign_id)
+    if as_json:
+        _print_json(status.to_dict())
+        return
+    from ses_tasks.ops.progress import status_table
+
+    status_table(status)
+
+
+@campaign.command("failures")
+@click.argument("campaign_id")
+@user_errors
+def campaign_failures(campaign_id: str) -> None:
+    """CSV of email,state,code,reason for every message not sent."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["email", "state", "code", "reason", "message_id"])
+    for record in _client().failures(campaign_id):
+        writer.writerow(
+            [
+                record.email or "",
+                record.state.value,
+                record.code or "",
+                record.reason,
+                record.message_id,
+            ]
+        )
+
+
+@campaign.command("pause")
+@click.argument("campaign_id")
+@user_errors
+def campaign_pause(campaign_id: str) -> None:
+    """Workers stop between messages; the rest waits, deferred."""
+    changed = _client().pause(campaign_id)
+    click.echo(f"{campaign_id}: {'paused' if changed else 'already paused'}")
+
+
+@campaign.command("resume")
+@click.argument("campaign_id")
+@user_errors
+def campaign_resume(campaign_id: str) -> None:
+    count = _client().resume(campaign_id)
+    click.echo(f"{campaign_id}: resumed, {count} deferred messages re-enqueued")
+
+
+@campaign.command("cancel")
+@click.argument("campaign_id")
+@user_errors
+def campaign_cancel(campaign_id: str) -> None:
+    count = _client().cancel(campaign_id)
+    click.echo(f"{campaign_id}: cancelled ({count} parked messages cancelled now)")
+
+
+@campaign.command("retry-failed")
+@click.argument("campaign_id")
+@click.option(
+    "--include-unknown",
+    is_flag=True,
+    help="Also resend messages whose outcome is unknown (may duplicate).",
+)
+@user_errors
+def campaign_retry_failed(campaign_id: str, include_unknown: bool) -> None:
+    count = _client().retry_failed(campaign_id, include_unknown=include_unknown)
+    click.echo(f"{campaign_id}: {count} messages re-enqueued")
+
+
+@campaign.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def campaign_list(as_json: bool) -> None:
+    client = _client()
+    rows = [client.campaign_status(cid).to_dict() for cid in client.store.list_campaigns()]
+    if as_json:
+        _print_json(rows)
+    else:
+        for row in rows:
+            click.echo(_counts_line(row))
+
+
+# worker ----------------------------------------------------------------------------------
+
+QUEUE_CHOICES = ("all", "bulk", "transactional")
+#: Pauses before restarting a Celery worker that died, growing with each quick failure.
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+#: A worker that ran this long before dying restarts after the shortest pause again.
+STABLE_RUN_S = 60.0
+#: Exit statuses not worth a restart: our configuration errors, Celery's usage error.
+NO_RESTART_STATUSES = frozenset({EXIT_USER_ERROR, 64})
+#: Signals that stop the supervisor (after the worker's warm or cold shutdown).
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
+#: Signals passed on to the Celery worker as they are.
+FORWARDED_SIGNALS = (*STOP_SIGNALS, "SIGHUP", "SIGUSR1", "SIGUSR2")
+PR_SET_PDEATHSIG = 1
+
+supervisor_log = logging.getLogger("ses_tasks.ops.supervisor")
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["starttls", "tls"]), help="Port mode to serve.")
+@click.option("--concurrency", "-c", type=int, default=2, show_default=True)
+@click.option("--queues", type=click.Choice(QUEUE_CHOICES), default="all", show_default=True)
+@click.option("--name", "-n", default=None, help="Celery node name.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option(
+    "--supervise/--no-supervise",
+    default=True,
+    show_default=True,
+    help="Run Celery's worker in a child process and restart it if it dies.",
+)
+@user_errors
+def worker(
+    mode: str | None,
+    concurrency: int,
+    queues: str,
+    name: str | None,
+    loglevel: str,
+    metrics_port: int | None,
+    supervise: bool,
+) -> None:
+    """A Celery worker for one port mode, with safe settings.
+
+    By default this process supervises the Celery worker: it runs it in a child process,
+    restarts it (with backoff) if it exits on its own with an error or is killed, and
+    passes SIGTERM/SIGINT/SIGQUIT (then exits with the worker's status), SIGHUP and
+    SIGUSR1/2 on to it. Killing this process kills the worker with it (Linux).
+    """
+    if mode is not None:
+        os.environ["SES_TASKS_MODE"] = mode
+        if "SES_TASKS_PORT" not in os.environ and not os.environ.get("SES_TASKS_HOST"):
+            os.environ["SES_TASKS_PORT"] = "465" if mode == "tls" else "587"
+    if concurrency < 1:
+        raise SesTasksError("--concurrency: must be at least 1")
+    settings = _settings()
+    if metrics_port is not None:
+        os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
+    logging.getLogger().setLevel(loglevel.upper())
+    if supervise:
+        argv = [
+            sys.executable, "-m", "ses_tasks.ops.cli", "worker", "--no-supervise",
+            "--concurrency", str(concurrency), "--queues", queues, "--loglevel", loglevel,
+        ]  # fmt: skip
+        if mode is not None:
+            argv += ["--mode", mode]
+        if name:
+            argv += ["--name", name]
+        if metrics_port is not None:
+            argv += ["--metrics-port", str(metrics_port)]
+        sys.exit(_Supervisor(argv).run())
+
+    from celery import signals
+
+    from ses_tasks.queue.app import app, bulk_queue, transactional_queue
+    from ses_tasks.store.connections import patch_kombu_redis
+
+    patch_kombu_redis()
+    serve = settings.endpoint.mode
+    names = {
+        "all": [transactional_queue(serve), bulk_queue(serve)],
+        "bulk": [bulk_queue(serve)],
+        "transactional": [transactional_queue(serve)],
+    }[queues]
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(names),
+        "--concurrency",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "-E",
+    ]
+    if name:
+        argv += ["--hostname", name]
+    # app.worker_main() drops the worker's exit status: after an "Unrecoverable error" this
+    # process would end with 0, a clean exit to the supervisor. Keep it.
+    exit_codes: list[int | None] = []
+
+    def remember_exit_code(sender: Any = None, **_: Any) -> None:
+        exit_codes.append(getattr(sender, "exitcode", None))
+
+    signals.worker_shutdown.connect(remember_exit_code, weak=False)
+    app.worker_main(argv)
+    sys.exit(exit_codes[-1] or 0 if exit_codes else 0)
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's ``returncode`` as a shell would report it (killed by N: 128 + N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class _Supervisor:
+    """Runs ``argv`` (the Celery worker) and restarts it until asked to stop."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._prctl = _load_prctl()
+
+    def run(self) -> int:
+        for name in FORWARDED_SIGNALS:
+            signal.signal(getattr(signal, name), self._on_signal)
+        failures = 0
+        restarts = 0
+        while True:
+            started = time.monotonic()
+            child = self._spawn()
+            supervisor_log.info("celery worker started (pid %d)", child.pid)
+            returncode = child.wait()
+            if self.stopping:
+                return _exit_status(returncode)
+            if returncode == 0:
+                supervisor_log.info("celery worker (pid %d) exited cleanly", child.pid)
+                return 0
+            if returncode in NO_RESTART_STATUSES:
+                supervisor_log.error(
+                    "celery worker (pid %d) %s; not restarting it (a configuration or "
+                    "usage error)", child.pid, _describe_exit(returncode),
+                )  # fmt: skip
+                return returncode
+            ran_s = time.monotonic() - started
+            failures = 1 if ran_s >= STABLE_RUN_S else failures + 1
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S)) - 1]
+            restarts += 1
+            supervisor_log.warning(
+                "celery worker (pid %d) %s after %.0f s; restarting it in %.0f s (restart %d)",
+                child.pid, _describe_exit(returncode), ran_s, delay, restarts,
+            )  # fmt: skip
+            if self._pause(delay):
+                return 0
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        parent = os.getpid()
+        prctl = self._prctl
+
+        def die_with_parent() -> None:  # runs in the child, between fork and exec
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+                if os.getppid() != parent:  # the supervisor died before prctl
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        self.child = subprocess.Popen(
+            self.argv,
+            preexec_fn=die_with_parent if prctl is not None else None,
+            # Its own process group, so a Ctrl-C on a terminal reaches the worker once
+            # (passed on by us) rather than twice; without prctl (not Linux), our group,
+            # so that killing the group still takes the worker along.
+            process_group=0 if prctl is not None else None,
+        )
+        return self.child
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if signal.Signals(signum).name in STOP_SIGNALS:
+            self.stopping = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+        child = self.child
+        if child is not None and child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+    def _pause(self, delay_s: float) -> bool:
+        """Wait ``delay_s`` or until asked to stop; True if asked to stop."""
+        deadline = time.monotonic() + delay_s
+        while not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([self._wake_r], [], [], left)
+            if readable:
+                os.read(self._wake_r, 64)
+        return True
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    """``prctl(2)`` (Linux), loaded before any fork; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl: Callable[..., int] = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+# suppression -----------------------------------------------------------------------------
+
+
+@main.group()
+def suppress() -> None:
+    """The local suppression list (checked before every send)."""
+
+
+@suppress.command("add")
+@click.argument("emails", nargs=-1, required=True)
+@click.option("--reason", default="added by user")
+@user_errors
+def suppress_add(emails: tuple[str, ...], reason: str) -> None:
+    added = _client().suppression.add(emails, reason=reason)
+    click.echo(f"{added} added")
+
+
+@suppress.command("remove")
+@click.argument("emails", nargs=-1, required=True)
+@user_errors
+def suppress_remove(emails: tuple[str, ...]) -> None:
+    removed = _client().suppression.remove(emails)
+    click.echo(f"{removed} removed")
+
+
+@suppress.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def suppress_list(as_json: bool) -> None:
+    for entry in _client().suppression:
+        if as_json:
+            _print_json({"email": entry.email, "reason": entry.reason, "added_at": entry.added_at})
+        else:
+            click.echo(f"{entry.email}\t{entry.reason}")
+
+
+from ses_tasks.feedback.cli import feedback, suppress_export  # noqa: E402 - groups defined above
+
+main.add_command(feedback)
+suppress.add_command(suppress_export)
+
+
+# tools -----------------------------------------------------------------------------------
+
+
+@main.command("smtp-password")
+@click.option("--region", required=True)
+@user_errors
+def smtp_password_command(region: str) -> None:
+    """Derive the SMTP password from an IAM secret key read from stdin or the environment.
+
+    The secret is never taken from the command line, where other users could read it.
+    """
+    from ses_tasks.smtp.credentials import smtp_password
+
+    secret = os.environ.get("SES_TASKS_SECRET_ACCESS_KEY") or os.environ.get(
+        "AWS_SECRET_ACCESS_KEY"
+    )
+    if not secret:
+        if sys.stdin.isatty():
+            import getpass
+
+            secret = getpass.getpass("IAM secret access key: ")
+        else:
+            secret = sys.stdin.readline()
+    secret = (secret or "").strip()
+    if not secret:
+        raise SesTasksError("no secret: pipe it on stdin or set SES_TASKS_SECRET_ACCESS_KEY")
+    try:
+        click.echo(smtp_password(secret, region))
+    except ValueError as exc:
+        raise SesTasksError(str(exc)) from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def check(as_json: bool) -> None:
+    """Connect, negotiate TLS, authenticate and report, without sending."""
+    from ses_tasks.ops.direct import probe
+
+    info = probe(_settings())
+    if as_json:
+        _print_json(info)
+    else:
+        for key, value in info.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def limits(as_json: bool) -> None:
+    """Fleet rate limit, tokens, 24-hour quota use and any pause reason."""
+    from ses_tasks.ops.direct import limits_status
+
+    data = limits_status(_settings())
+    if as_json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def sandbox(ctx: click.Context) -> None:
+    """Run the local SES-compatible endpoint (see `ses-tasks sandbox --help`)."""
+    from ses_tasks.sandbox import main as sandbox_main
+
+    sys.exit(sandbox_main(list(ctx.args)))
+
+
+@main.command()
+@click.option("--recipients", "count", type=int, default=1000, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--mode", type=click.Choice(["starttls", "tls"]), default="tls", show_default=True)
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Recipients/s.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def demo(count: int, workers: int, mode: str, rate: float, as_json: bool) -> None:
+    """Everything on this machine: Redis, the sandbox, workers, a sample campaign."""
+    from ses_tasks.sandbox.demo import run_demo
+
+    report = run_demo(recipients=count, workers=workers, mode=mode, rate=rate, quiet=as_json)
+    if as_json:
+        _print_json(report)
+    if report.get("counts", {}).get("sent") != count:
+        sys.exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

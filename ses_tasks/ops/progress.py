@@ -1,0 +1,96 @@
+"""Terminal output with rich: progress bars for long work, tables for status."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ses_tasks.store.tracking import COUNTERS, CampaignStatus
+
+__all__ = ["enqueue_progress", "status_table", "wait_progress"]
+
+console = Console(stderr=True)
+POLL_S = 0.2
+
+
+def _count_lines(path: Path) -> int | None:
+    try:
+        with path.open("rb") as handle:
+            return max(0, sum(1 for _ in handle) - (1 if path.suffix.lower() == ".csv" else 0))
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def enqueue_progress(path: Path | None, *, quiet: bool) -> Iterator[Callable[[int], None]]:
+    if quiet:
+        yield lambda _n: None
+        return
+    total = _count_lines(path) if path is not None else None
+    with Progress(
+        TextColumn("enqueue"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("enqueue", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def wait_progress(
+    client: Any, campaign_id: str, *, quiet: bool, timeout_s: float | None = None
+) -> CampaignStatus:
+    """Poll the campaign until every message is final (or it is paused/cancelled)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    status = client.campaign_status(campaign_id)
+
+    def finished(s: CampaignStatus) -> bool:
+        # A paused campaign keeps its parked messages deferred: stop waiting once nothing
+        # is queued, sending or retrying, and let the caller show why it paused.
+        moving = sum(s.counts.get(name, 0) for name in ("queued", "sending", "retrying"))
+        return s.done or (s.state.value in ("paused", "cancelled") and moving == 0)
+
+    if quiet:
+        while not finished(status) and (deadline is None or time.monotonic() < deadline):
+            time.sleep(POLL_S)
+            status = client.campaign_status(campaign_id)
+        return status
+    with Progress(
+        TextColumn("[bold]{task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("send", total=status.total, state=status.state.value, counts="")
+        while True:
+            done = status.total - status.open
+            counts = " ".join(f"{n}={status.counts[n]}" for n in COUNTERS if status.counts.get(n))
+            bar.update(
+                task, completed=done, total=status.total, state=status.state.value, counts=counts
+            )
+            if finished(status) or (deadline is not None and time.monotonic() > deadline):
+                return status
+            time.sleep(POLL_S)
+            status = client.campaign_status(campaign_id)
+
+
+def status_table(status: CampaignStatus) -> None:
+    table = Table(title=f"campaign {status.id}: {status.state.value}", show_header=False)
+    table.add_row("total", str(status.total))
+    for name in COUNTERS:
+        table.add_row(name, str(status.counts.get(name, 0)))
+    table.add_row("swept", f"{status.swept} batches republished by the sweeper")
+    if status.reason:
+        table.add_row("reason", status.reason)
+    Console().print(table)

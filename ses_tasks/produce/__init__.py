@@ -1,0 +1,1 @@
+"""The producer's side: the client API, campaigns, recipient files."""

@@ -1,0 +1,246 @@
+"""Campaigns from the producer's side: create, stream recipients into batches, control.
+
+A campaign's template is validated and stored once; recipients are streamed from a file or
+an iterable and enqueued in batches of ``batch_size`` rows, each task carrying only
+``[seq, email, variables, failures]`` rows. Bad rows are recorded ``failed`` with their
+reason as they are met, so the campaign's counters always cover every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from ses_tasks.config import Settings
+from ses_tasks.errors import CampaignError, SesTasksError
+from ses_tasks.message.spec import CampaignTemplate
+from ses_tasks.produce.recipients import Recipient, RowError, iter_recipients
+from ses_tasks.queue.publish import publish_job
+from ses_tasks.states import CampaignState, MessageState
+from ses_tasks.store.tracking import (
+    CampaignStatus,
+    LedgerEntry,
+    MessageRecord,
+    Settlement,
+    StatusStore,
+    Transition,
+)
+from ses_tasks.worker.delivery import BatchItem, BatchJob
+
+__all__ = ["CampaignControl", "CampaignProducer", "new_campaign_id"]
+
+ProgressCallback = Callable[[int], None]
+
+
+def new_campaign_id() -> str:
+    return time.strftime("c%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class CampaignProducer:
+    def __init__(self, settings: Settings, store: StatusStore, celery_app: Celery) -> None:
+        self.settings = settings
+        self.store = store
+        self.app = celery_app
+
+    def send(
+        self,
+        template: CampaignTemplate,
+        recipients: str | Path | Iterable[Any],
+        *,
+        campaign_id: str | None = None,
+        progress: ProgressCallback | None = None,
+        resume: bool = False,
+    ) -> CampaignStatus:
+        """Create the campaign and enqueue every recipient; returns the status after enqueue.
+
+        With ``resume=True`` an interrupted enqueue of ``campaign_id`` (producer killed,
+        broker down) continues from where it stopped, given the same template and recipients:
+        rows already enqueued are skipped, and the last batch whose fate is unknown is
+        published again (workers skip whatever of it was already sent).
+        """
+        rows = iter_recipients(recipients)  # file header errors surface here, before creation
+        stored = template.to_dict()
+        if resume:
+            if campaign_id is None:
+                raise CampaignError("resume needs the campaign id")
+            published, counted = self._resume_point(campaign_id, stored)
+        else:
+            campaign_id = campaign_id or new_campaign_id()
+            self.store.create_campaign(
+                campaign_id,
+                template=stored,
+                meta={
+                    "from": stored["from"],
+                    "subject": stored["subject"][:200],
+                    "mode": self.settings.endpoint.mode.value,
+                },
+            )
+            published = counted = 0
+        self._enqueue(
+            campaign_id, rows, published_upto=published, counted_upto=counted, progress=progress
+        )
+        return self.store.finish_enqueue(campaign_id)
+
+    def _resume_point(self, campaign_id: str, template: dict[str, Any]) -> tuple[int, int]:
+        status = self.store.campaign_status(campaign_id)
+        if status.enqueued_all:
+            raise CampaignError(f"campaign {campaign_id!r} is already fully enqueued")
+        if self.store.template(campaign_id) != template:
+            raise CampaignError(
+                f"campaign {campaign_id!r} was created with another template; resume needs "
+                "the same subject, bodies and options"
+            )
+        return self.store.enqueued_upto(campaign_id), status.total
+
+    def _enqueue(
+        self,
+        campaign_id: str,
+        rows: Iterable[Recipient | RowError],
+        *,
+        published_upto: int,
+        counted_upto: int,
+        progress: ProgressCallback | None,
+    ) -> int:
+        """Count, publish, then advance the watermark, a batch at a time.
+
+        Every row below the watermark is published (good rows) or recorded (bad rows), so
+        an interrupted run resumes exactly; rows below ``counted_upto`` are not counted twice.
+        """
+        size = self.settings.batch_size
+        seq = 0
+        batch: list[BatchItem] = []
+        bad: list[Transition] = []
+        for row in rows:
+            if seq >= published_upto:
+                if isinstance(row, Recipient):
+                    batch.append(BatchItem(seq, row.email, row.variables))
+                else:  # recorded again on resume (idempotent); counted once, below
+                    bad.append(
+                        Transition(
+                            f"{campaign_id}.{seq}",
+                            MessageState.FAILED,
+                            0,
+                            row.reason,
+                            row=[seq, row.email, {}, 0],
+                        )
+                    )
+            seq += 1
+            if len(batch) >= size or len(bad) >= size:
+                self._flush(campaign_id, batch, bad, seq, counted_upto, progress)
+                batch, bad = [], []
+        if batch or bad or seq > published_upto:
+            self._flush(campaign_id, batch, bad, seq, counted_upto, progress)
+        return seq
+
+    def _flush(
+        self,
+        campaign_id: str,
+        batch: list[BatchItem],
+        bad: list[Transition],
+        seq_end: int,
+        counted_upto: int,
+        progress: ProgressCallback | None,
+    ) -> None:
+        new = sum(1 for item in batch if int(item.seq) >= counted_upto) + sum(
+            1 for t in bad if int(t.message_id.rsplit(".", 1)[1]) >= counted_upto
+        )
+        job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}") if batch else None
+        pipe = self.store.redis.pipeline(transaction=True)
+        if new:
+            self.store.add_queued(campaign_id, new, pipe)
+        if job is not None:  # in the ledger before it is published: a lost publish is swept
+            self.store.register_batch(campaign_id, LedgerEntry(job.batch_id, job.payload()), pipe)
+        pipe.execute()
+        if bad:
+            self.store.finish(campaign_id, bad)
+        if job is not None:
+            try:
+                publish_job(self.app, self.settings.endpoint.mode, job)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    self.store.mark_due_now(campaign_id, [job.batch_id])
+                raise SesTasksError(
+                    f"campaign {campaign_id}: the broker refused a batch ({exc}); nothing is "
+                    f"lost: run `ses-tasks campaign send --resume --id {campaign_id} ...` with "
+                    "the same options to continue"
+                ) from exc
+        self.store.set_enqueued_upto(campaign_id, seq_end)
+        if progress:
+            progress(len(batch) + len(bad))
+
+    def publish(self, campaign_id: str, entries: Sequence[LedgerEntry]) -> None:
+        """Publish ledger entries; one that fails is left due for the sweeper."""
+        failed = []
+        for entry in entries:
+            job = BatchJob.from_payload(campaign_id, entry.batch_id, entry.payload)
+            try:
+                publish_job(self.app, self.settings.endpoint.mode, job, entry.delay_s)
+            except Exception:
+                failed.append(entry.batch_id)
+        if failed:
+            self.store.mark_due_now(campaign_id, failed)
+            raise SesTasksError(
+                f"campaign {campaign_id}: the broker refused {len(failed)} batches; they are "
+                "kept and the workers' sweeper publishes them when the broker is back"
+            )
+
+    def requeue(self, campaign_id: str, batch: list[BatchItem]) -> None:
+        """Put final messages (failed, unknown) back to queued and publish them again."""
+        entry = LedgerEntry(
+            f"q{batch[0].seq}-{secrets.token_hex(4)}",
+            BatchJob(campaign_id, tuple(batch)).payload(),
+        )
+        self.store.finish(
+            campaign_id,
+            [Transition(f"{campaign_id}.{item.seq}", MessageState.QUEUED) for item in batch],
+            requeue=True,
+            settle=Settlement(follow_ups=[entry]),
+        )
+        self.publish(campaign_id, [entry])
+
+
+class CampaignControl:
+    """Pause, resume, cancel and retry-failed, for the CLI and the Python API."""
+
+    def __init__(self, producer: CampaignProducer) -> None:
+        self.producer = producer
+        self.store = producer.store
+
+    def pause(self, campaign_id: str) -> bool:
+        return self.store.pause(campaign_id)
+
+    def resume(self, campaign_id: str) -> int:
+        """Resume and hand parked batches back to the broker; returns messages re-enqueued."""
+        entries = self.store.resume(campaign_id)
+        self.producer.publish(campaign_id, entries)
+        return sum(len(e.payload["items"]) for e in entries)
+
+    def cancel(self, campaign_id: str) -> int:
+        return self.store.cancel(campaign_id)
+
+    def retry_failed(self, campaign_id: str, *, include_unknown: bool = False) -> int:
+        """Requeue every ``failed`` message (and ``unknown`` if asked) with a fresh budget."""
+        status = self.store.campaign_status(campaign_id)
+        if status.state is CampaignState.CANCELLED:
+            raise CampaignError(f"campaign {campaign_id!r} is cancelled")
+        states = {MessageState.FAILED} | ({MessageState.UNKNOWN} if include_unknown else set())
+        unique = {r.message_id: r for r in self.store.not_sent(campaign_id)}  # SSCAN repeats
+        rows = [r for r in unique.values() if r.state in states and r.row and r.row[1]]
+        if not rows:
+            return 0
+        size = self.producer.settings.batch_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            batch = [BatchItem(int(r.row[0]), r.row[1], r.row[2] or {}) for r in chunk]
+            self.producer.requeue(campaign_id, batch)
+        return len(rows)
+
+    def failures(self, campaign_id: str) -> Iterator[MessageRecord]:
+        self.store.campaign_status(campaign_id)
+        return self.store.not_sent(campaign_id)

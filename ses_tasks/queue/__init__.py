@@ -1,0 +1,1 @@
+"""Celery: the app (no environment read at import), tasks, publishing."""

@@ -1,0 +1,194 @@
+"""Celery tasks: thin, synchronous shells around ``delivery`` on the worker's event loop.
+
+A batch task runs ``delivery.deliver`` and publishes the follow-up batches it returns
+(already in the ledger, so a failed publish is swept later, never lost). The single-message
+task is a batch of one at transactional priority; its task id is the message id, and it
+ends in Celery's RETRY state while a follow-up is pending, so ``AsyncResult.get()`` waits
+for the final record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
+
+from ses_tasks.keys import TRANSACTIONAL
+from ses_tasks.limits.ratelimit import Priority
+from ses_tasks.ops import logs, metrics
+from ses_tasks.queue.app import BATCH_TASK, MESSAGE_TASK, app
+from ses_tasks.queue.publish import publish_job
+from ses_tasks.states import OPEN_STATES, MessageState
+from ses_tasks.worker.delivery import (
+    BatchItem,
+    BatchJob,
+    BatchReport,
+    StoreUnavailableError,
+    deliver,
+)
+from ses_tasks.worker.runtime import WorkerRuntime, get_runtime, shutdown_runtime
+
+__all__ = ["send_batch", "send_message"]
+
+log = logging.getLogger(__name__)
+
+#: Custom Celery state of a batch whose messages are being sent (visible in Flower).
+SENDING_STATE = "SENDING"
+#: When the status store stayed unreachable past STORE_RETRY_S, try the task again after.
+STORE_DOWN_RETRY_S = 2.0
+
+
+# Main process: metrics exporter (before the pool forks) and log filters/JSON on its handlers.
+worker_init.connect(metrics.start_exporter, weak=False)
+worker_shutdown.connect(metrics.stop_exporter, weak=False)
+after_setup_logger.connect(logs.celery_after_setup_logger, weak=False)
+after_setup_task_logger.connect(logs.celery_after_setup_logger, weak=False)
+
+
+def _publish(runtime: WorkerRuntime, job: BatchJob, countdown_s: float) -> None:
+    publish_job(app, runtime.settings.endpoint.mode, job, countdown_s)
+
+
+@worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    runtime = get_runtime()
+    runtime.start_sweeper(lambda job: _publish(runtime, job, 0.0))
+    if metrics.enabled():
+        metrics.setup_worker_process(runtime)
+
+
+@worker_process_shutdown.connect
+def _close(**_: Any) -> None:
+    metrics.shutdown_worker_process()
+    shutdown_runtime()
+
+
+def _publish_follow_ups(runtime: WorkerRuntime, report: BatchReport) -> None:
+    """Publish what the batch left for later; a failure leaves it to the sweeper."""
+    failed: list[BatchJob] = []
+    for follow_up in report.follow_ups:
+        try:
+            _publish(runtime, follow_up.job, follow_up.countdown_s)
+        except Exception as exc:
+            log.warning("follow-up batch %s not published (%s)", follow_up.job.batch_id, exc)
+            failed.append(follow_up.job)
+    for job in failed:  # due now: the sweeper republishes it at its next pass
+        try:
+            runtime.run(runtime.store.mark_due_now(job.campaign_id, [job.batch_id]))
+        except Exception as exc:
+            log.warning("batch %s stays in the ledger until it is due (%s)", job.batch_id, exc)
+
+
+def _again(task: Task, job: BatchJob, runtime: WorkerRuntime, exc: Exception) -> None:
+    """Nothing was sent and Redis is down: run the task again, or hand it to the broker."""
+    log.warning("status store unreachable (%s); batch of %s retried", exc, job.campaign_id)
+    try:
+        _publish(runtime, job, STORE_DOWN_RETRY_S)
+    except Exception as publish_exc:
+        raise Reject(publish_exc, requeue=True) from None
+
+
+class _StillRunning(Exception):
+    """The batch outlived TASK_TIMEOUT_S; it finishes on the loop and settles itself."""
+
+
+def _run(runtime: WorkerRuntime, job: BatchJob) -> BatchReport:
+    with logs.log_context(campaign_id=job.campaign_id):
+        future = asyncio.run_coroutine_threadsafe(deliver(runtime, job), runtime.loop)
+        try:
+            return future.result(timeout=runtime.settings.task_timeout_s)
+        except concurrent.futures.TimeoutError:
+            log.warning("batch of %s still running after TASK_TIMEOUT_S", job.campaign_id)
+            future.add_done_callback(lambda f: _later(runtime, f))
+            raise _StillRunning from None
+
+
+def _later(runtime: WorkerRuntime, future: concurrent.futures.Future[BatchReport]) -> None:
+    """Publish a late batch's follow-ups (off the loop thread: publishing blocks)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    report = future.result()
+    threading.Thread(target=_publish_follow_ups, args=(runtime, report), daemon=True).start()
+
+
+@app.task(name=BATCH_TASK, bind=True, max_retries=None, acks_late=True)
+def send_batch(
+    self: Task, campaign_id: str, items: list[list[Any]], batch_id: str = ""
+) -> dict[str, Any]:
+    """Send one slice of a campaign: ``items`` are ``[seq, email, variables, attempts]``."""
+    runtime = get_runtime()
+    job = BatchJob(
+        campaign_id, tuple(BatchItem.from_json(i) for i in items), batch_id, Priority.BULK
+    )
+    if self.request.id:  # a custom state Flower shows while the batch is on the wire
+        try:
+            self.update_state(
+                state=SENDING_STATE, meta={"campaign_id": campaign_id, "messages": len(items)}
+            )
+        except Exception as exc:  # cosmetic: never fail a batch for it
+            log.debug("could not store the SENDING state: %s", exc)
+    try:
+        report = _run(runtime, job)
+    except StoreUnavailableError as exc:
+        _again(self, job, runtime, exc)
+        return {"campaign_id": campaign_id, "sent": 0, "retried": True}
+    except _StillRunning:
+        return {"campaign_id": campaign_id, "still_running": True}
+    _publish_follow_ups(runtime, report)
+    return {
+        "campaign_id": campaign_id,
+        "sent": report.sent,
+        "recorded": report.recorded,
+        "follow_ups": sum(len(f.job.items) for f in report.follow_ups),
+        "stopped": report.stopped,
+        "unrecorded": report.unrecorded,
+    }
+
+
+@app.task(name=MESSAGE_TASK, bind=True, max_retries=None, acks_late=True)
+def send_message(
+    self: Task, message_id: str, spec: dict[str, Any], failures: int = 0, batch_id: str = ""
+) -> dict[str, Any]:
+    """Send one transactional message; the result is its delivery record."""
+    runtime = get_runtime()
+    seq = message_id.split(".", 1)[1]
+    first = next((str(v[0]) for k in ("to", "cc", "bcc") if (v := spec.get(k))), "")
+    job = BatchJob(
+        TRANSACTIONAL,
+        (BatchItem(seq, first, {}, failures, spec),),
+        batch_id,
+        Priority.TRANSACTIONAL,
+    )
+    try:
+        with logs.log_context(message_id=message_id):
+            report = _run(runtime, job)
+    except StoreUnavailableError as exc:
+        _again(self, job, runtime, exc)
+        raise Retry(str(exc), when=STORE_DOWN_RETRY_S) from None
+    except _StillRunning:
+        raise Ignore() from None  # its own settlement (or follow-up) sets the result
+    if report.follow_ups:
+        _publish_follow_ups(runtime, report)
+        (follow_up,) = report.follow_ups
+        raise Retry(follow_up.why, when=follow_up.countdown_s)
+    if report.record is not None:
+        return report.record
+    record = runtime.run(runtime.stored_record(message_id))
+    if MessageState(record["state"]) in OPEN_STATES:
+        # A copy of a message another run (or its follow-up, same task id) is handling:
+        # leave the result to that run, so get() never returns a state that is not final.
+        raise Ignore()
+    return record

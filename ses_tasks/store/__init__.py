@@ -1,0 +1,1 @@
+"""Redis: clients, status records and counters, suppression, their Lua."""

@@ -1,0 +1,1 @@
+"""A worker process: its runtime (loop, pool, clients), the delivery core, the sweeper."""

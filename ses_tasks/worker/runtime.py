@@ -1,0 +1,177 @@
+"""Per-process worker state that outlives tasks.
+
+A Celery task body is synchronous; our sends are asyncio. Each worker process owns one
+event loop running in a daemon thread, one warm SMTP pool, one asyncio Redis client and the
+fleet limiter. Tasks hand coroutines to that loop and wait for the answer, so connections,
+TLS sessions and script SHAs stay warm across tasks. Warm-up starts at process init without
+blocking it; shutdown sends QUIT on every connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from ses_tasks.config import Settings, load_settings
+from ses_tasks.limits.quota import DailyQuota
+from ses_tasks.limits.ratelimit import FleetRateLimiter
+from ses_tasks.smtp.endpoint import make_tls_context
+from ses_tasks.smtp.pool import SmtpPool
+from ses_tasks.store.connections import async_redis
+from ses_tasks.store.tracking import AsyncStatusStore, parse_message
+from ses_tasks.worker.sweeper import Sweeper
+
+if TYPE_CHECKING:
+    from ses_tasks.worker.delivery import BatchJob
+
+__all__ = ["WorkerRuntime", "get_runtime", "shutdown_runtime"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CLOSE_TIMEOUT_S = 10.0
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        #: Identifies this process's leases on messages it is sending.
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="ses-tasks-loop", daemon=True)
+        self._started = False
+        self._closed = False
+        self.redis: aioredis.Redis = async_redis(settings.redis_url, settings=settings)
+        self.store = AsyncStatusStore(
+            self.redis,
+            key_prefix=settings.key_prefix,
+            retention_s=settings.retention_s,
+            redeliver_after_s=settings.redeliver_after,
+        )
+        self.limiter = FleetRateLimiter(
+            self.redis,
+            key_prefix=settings.key_prefix,
+            rate_per_s=settings.max_send_rate,
+            burst=settings.burst,
+            transactional_reserve=settings.transactional_reserve,
+        )
+        self.quota = DailyQuota(
+            self.redis,
+            key_prefix=settings.key_prefix,
+            limit=settings.max_24h_send,
+            window_s=settings.quota_window_s,
+        )
+        self.pool = SmtpPool(
+            settings.endpoint,
+            tls_context=make_tls_context(settings.ca_file),
+            username=settings.username,
+            password=settings.smtp_password(),
+            size=settings.pool_size,
+            min_size=min(settings.pool_min_size, settings.pool_size),
+            max_messages_per_connection=settings.max_messages_per_connection,
+            max_age_s=settings.max_connection_age,
+            idle_check_s=settings.idle_check_s,
+            connect_timeout_s=settings.connect_timeout,
+            send_timeout_s=settings.send_timeout,
+        )
+        self.templates: dict[str, Any] = {}
+        self._sweeper_task: concurrent.futures.Future[None] | None = None
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self) -> None:
+        """Start the loop thread and begin warming connections; returns at once."""
+        if self._started:
+            return
+        self._started = True
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.pool.start(), self.loop)
+        log.info("worker runtime started: %r", self.pool)
+
+    def run(self, coro: Coroutine[Any, Any, T], *, timeout_s: float | None = None) -> T:
+        """Run ``coro`` on this process's loop and wait for its result (bounded)."""
+        self.start()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        # On timeout the coroutine is not cancelled: a batch cut short mid-send would leave
+        # sends unrecorded. It finishes on the loop; the caller stops waiting for it.
+        return future.result(timeout=timeout_s or self.settings.task_timeout_s)
+
+    def start_sweeper(self, publish: Callable[[BatchJob], None]) -> None:
+        """Run the fleet's sweeper loop here (it sweeps only while it holds the lock)."""
+        self.start()
+        if self._sweeper_task is None:
+            sweeper = Sweeper(self, publish)
+            self._sweeper_task = asyncio.run_coroutine_threadsafe(sweeper.run_forever(), self.loop)
+
+    async def stored_record(self, message_id: str) -> dict[str, Any]:
+        """A message's record as a task result (``queued`` if there is none)."""
+        raw = await self.redis.hgetall(self.store.keys.message(message_id))
+        record = parse_message(message_id, raw)
+        state = record.state.value if record else "queued"
+        return {
+            "message_id": message_id,
+            "state": state,
+            "ses_message_id": record.ses_message_id if record else None,
+            "code": record.code if record else 0,
+            "reason": record.reason if record else "",
+        }
+
+    def close(self) -> None:
+        """QUIT every connection, close Redis, stop the loop. Idempotent."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+
+        if self._sweeper_task is not None:
+            self._sweeper_task.cancel()
+
+        async def _close() -> None:
+            try:
+                await self.pool.close()
+            finally:
+                await self.redis.aclose()
+
+        future = asyncio.run_coroutine_threadsafe(_close(), self.loop)
+        try:
+            future.result(timeout=CLOSE_TIMEOUT_S)
+        except Exception:  # pragma: no cover - best effort at exit
+            log.warning("worker runtime did not close cleanly", exc_info=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=CLOSE_TIMEOUT_S)
+        log.info("worker runtime closed: %r", self.pool)
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_pid = -1
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime, created on first use in this process (after fork)."""
+    global _runtime, _runtime_pid
+    with _runtime_lock:
+        if _runtime is None or _runtime_pid != os.getpid():
+            _runtime = WorkerRuntime(load_settings())
+            _runtime_pid = os.getpid()
+        runtime = _runtime
+    runtime.start()
+    return runtime
+
+
+def shutdown_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None and _runtime_pid == os.getpid():
+            _runtime.close()
+        _runtime = None

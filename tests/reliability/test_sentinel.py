@@ -20,7 +20,7 @@ from ses_tasks.produce.client import SesTasks
 from ses_tasks.sandbox.embedded import WorkerProcess, free_port, wait_for
 from ses_tasks.store.connections import async_redis, sync_redis
 
-from .support import adds_up
+from .support import adds_up, delivered, records, seq_of
 
 MASTER = "mymaster"
 
@@ -300,4 +300,48 @@ def test_everything_through_sentinel_survives_a_failover(
     final = pipeline.wait_done("all-after", timeout_s=120)
     assert final.counts["sent"] == 60 and adds_up(final)
     assert pipeline.client.campaign_status("all-before").counts["sent"] == 60
+    assert worker.main_pid() == main and "Unrecoverable" not in _log(worker)
+
+
+def test_a_failover_in_the_middle_of_a_campaign(sentinel_group: SentinelGroup, make_pipeline):
+    """1,500 recipients, everything on the sentinel group, the primary killed mid-send.
+
+    Replication is asynchronous: writes acknowledged by the old primary after its last
+    replication can be lost. What must hold: the campaign completes, every recipient gets
+    the message, a second copy only for a message recorded ``recovered``, the same worker.
+    """
+    total = 1500
+    pipeline = _sentinel_pipeline(
+        make_pipeline,
+        sentinel_group,
+        SES_TASKS_REDIS_URL=sentinel_group.url(),
+        SES_TASKS_MAX_SEND_RATE="150",
+        SES_TASKS_CLAIM_LEASE_S="10",
+        SES_TASKS_SWEEP_INTERVAL_S="1",
+        SES_TASKS_REDELIVER_AFTER_S="20",
+    )
+    worker, main = _start_worker(pipeline)
+    _campaign(pipeline, "mid-failover", total)
+    client = pipeline.client
+
+    def sent() -> int:
+        try:
+            return int(client.campaign_status("mid-failover").counts["sent"])
+        except Exception:
+            return 0
+
+    wait_for(lambda: sent() >= 300, timeout_s=60, what="first sends")
+    sentinel_group.kill_primary()
+    sentinel_group.wait_failover()
+    assert sent() < total, "the campaign ended before the failover: slow it down"
+    final = pipeline.wait_done("mid-failover", timeout_s=240)
+    assert final.counts["sent"] == total and adds_up(final), final.to_dict()
+    pipeline.sandbox.stop()
+    counts = delivered(pipeline.sandbox.accepted())
+    assert len(counts) == total
+    by_seq = records(client, "mid-failover", total)
+    for email, n in counts.items():
+        if n > 1:
+            record = by_seq[seq_of(email)]
+            assert record is not None and record.recovered, (email, n, record)
     assert worker.main_pid() == main and "Unrecoverable" not in _log(worker)

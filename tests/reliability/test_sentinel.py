@@ -229,10 +229,12 @@ def test_status_store_through_sentinel(sentinel_group: SentinelGroup, key_prefix
 def _sentinel_pipeline(make_pipeline: Any, group: SentinelGroup, **env: str) -> Any:
     return make_pipeline(
         "tls",
-        SES_TASKS_BROKER_URL=group.url(),
-        SES_TASKS_RESULT_BACKEND=group.url(),
-        SES_TASKS_MAX_SEND_RATE="500",
-        **env,
+        **{
+            "SES_TASKS_BROKER_URL": group.url(),
+            "SES_TASKS_RESULT_BACKEND": group.url(),
+            "SES_TASKS_MAX_SEND_RATE": "500",
+            **env,
+        },
     )
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
-from types import ModuleType
+from types import CodeType, ModuleType
 
 __all__ = ["MOVED", "install"]
 
@@ -52,13 +53,27 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MOVED:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self)
+        real = importlib.util.find_spec(MOVED[fullname])
+        return importlib.machinery.ModuleSpec(fullname, self, origin=real.origin if real else None)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(MOVED[spec.name])
+        module = importlib.import_module(MOVED[spec.name])
+        self._real_spec = module.__spec__  # the import system is about to overwrite it
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module ran under its new name already."""
+        """The module ran under its new name already; give it its own spec back."""
+        module.__spec__ = self._real_spec
+
+    def get_code(self, fullname: str) -> CodeType | None:
+        """``python -m ses_tasks.cli`` runs the moved module's code."""
+        spec = importlib.util.find_spec(MOVED[fullname])
+        loader = spec.loader if spec else None
+        return loader.get_code(MOVED[fullname]) if loader and hasattr(loader, "get_code") else None
+
+    def is_package(self, fullname: str) -> bool:
+        spec = importlib.util.find_spec(MOVED[fullname])
+        return bool(spec and spec.submodule_search_locations is not None)
 
 
 def install() -> None:

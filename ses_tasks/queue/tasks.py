@@ -9,7 +9,6 @@ for the final record.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -107,21 +106,36 @@ class _StillRunning(Exception):
 
 def _run(runtime: WorkerRuntime, job: BatchJob) -> BatchReport:
     with logs.log_context(campaign_id=job.campaign_id):
-        future = asyncio.run_coroutine_threadsafe(deliver(runtime, job), runtime.loop)
+        future = runtime.submit(deliver(runtime, job))
         try:
             return future.result(timeout=runtime.settings.task_timeout_s)
         except concurrent.futures.TimeoutError:
             log.warning("batch of %s still running after TASK_TIMEOUT_S", job.campaign_id)
-            future.add_done_callback(lambda f: _later(runtime, f))
+            future.add_done_callback(lambda f: _later(runtime, job, f))
             raise _StillRunning from None
 
 
-def _later(runtime: WorkerRuntime, future: concurrent.futures.Future[BatchReport]) -> None:
-    """Publish a late batch's follow-ups (off the loop thread: publishing blocks)."""
+def _later(
+    runtime: WorkerRuntime, job: BatchJob, future: concurrent.futures.Future[BatchReport]
+) -> None:
+    """A late batch finished: publish its follow-ups, store a single message's result.
+
+    Runs on a thread of its own: publishing and the result backend block.
+    """
     if future.cancelled() or future.exception() is not None:
         return
     report = future.result()
-    threading.Thread(target=_publish_follow_ups, args=(runtime, report), daemon=True).start()
+
+    def finish() -> None:
+        _publish_follow_ups(runtime, report)
+        if job.priority is Priority.TRANSACTIONAL and not report.follow_ups and report.record:
+            message_id = job.message_id(job.items[0])
+            try:
+                app.backend.store_result(message_id, report.record, "SUCCESS")
+            except Exception as exc:
+                log.warning("result of %s not stored (%s)", message_id, exc)
+
+    threading.Thread(target=finish, daemon=True).start()
 
 
 @app.task(name=BATCH_TASK, bind=True, max_retries=None, acks_late=True)
@@ -182,7 +196,7 @@ def send_message(
         raise Ignore() from None  # its own settlement (or follow-up) sets the result
     if report.follow_ups:
         _publish_follow_ups(runtime, report)
-        (follow_up,) = report.follow_ups
+        follow_up = report.follow_ups[0]  # one entry per message id (the ledger's key)
         raise Retry(follow_up.why, when=follow_up.countdown_s)
     if report.record is not None:
         return report.record

@@ -554,6 +554,7 @@ class StatusStore(_Base):
         ]
         self.activate(campaign_id)
         raw = self._resume(keys=keys, args=[self.redeliver_after_ms, self.retention_s])
+        self.activate(campaign_id)  # again: the sweeper may have retired it in between
         old = _text(raw[0])
         if old == "missing":
             raise CampaignError(f"no campaign {campaign_id!r}")
@@ -660,6 +661,8 @@ class StatusStore(_Base):
             self.activate(campaign_id)
         keys, argv = self._finish_args(campaign_id, outcomes, requeue, settle)
         raw = self._finish(keys=keys, args=argv)
+        if settle.follow_ups:  # again: the sweeper may have retired it in between
+            self.activate(campaign_id)
         for key, mid in self._ses_index(outcomes):
             self.redis.set(key, mid, ex=self.retention_s)
         return parse_campaign_state(raw[0])
@@ -711,10 +714,12 @@ class AsyncStatusStore(_Base):
         keys, argv = self._finish_args(campaign_id, outcomes, requeue, settle)
         raw = await self._finish(keys=keys, args=argv)
         index = self._ses_index(outcomes)
-        if index:
+        if index or settle.follow_ups:
             pipe = self.redis.pipeline(transaction=False)
             for key, mid in index:
                 pipe.set(key, mid, ex=self.retention_s)
+            if settle.follow_ups:  # keep the campaign on the sweeper's list
+                pipe.zadd(self.keys.active(), {campaign_id: int(time.time() * 1000)}, nx=True)
             await pipe.execute()
         return parse_campaign_state(raw[0])
 

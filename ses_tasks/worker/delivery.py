@@ -407,6 +407,8 @@ class _Run:
         self.report = BatchReport()
         self.campaign_state: CampaignState | None = CampaignState.RUNNING
         self.pending: list[Transition] = []
+        #: Messages whose outcome this run has (pending or written): never "taken over".
+        self.outcome_known: set[str] = set()
         #: Claimed by us and not yet recorded final or handed back: the lease keeper's list.
         self.held: dict[str, BatchItem] = {}
         #: Taken over by another worker (lease lost): never send these.
@@ -548,6 +550,7 @@ class _Run:
             row = item.spec if item.spec is not None else item.to_json()
         # Still held (and renewed) until the record is written.
         self.pending.append(Transition(mid, state, code, reason, ses_message_id, row=row))
+        self.outcome_known.add(mid)
         if self.job.priority is Priority.TRANSACTIONAL:
             self.report.record = {
                 "message_id": mid,
@@ -611,6 +614,8 @@ class _Run:
         self.lease_fresh_until = started + self.lease_s
         self.campaign_state = reply.campaign_state
         for mid in reply.lost:
+            if mid in self.outcome_known:
+                continue  # settled by our own record (the flush ran first)
             log.error("message %s was taken over by another worker; not sending it", mid)
             self.lost.add(mid)
         return True
@@ -633,7 +638,14 @@ class _Run:
         async def send_one(r: _Ready) -> tuple[_Ready, SendResult]:
             m = r.rendered
             started = time.perf_counter()
-            result = await rt.pool.send(m.envelope_from, r.recipients, m.data)
+            try:
+                result = await rt.pool.send(m.envelope_from, r.recipients, m.data)
+            except Exception as exc:
+                # The pool reports outcomes, it does not raise (a closed pool at shutdown,
+                # a bug): we cannot tell whether the data went out, so it is "unknown",
+                # recorded like any other outcome, never dropped with its batch.
+                log.exception("message %s: the send raised", r.message_id)
+                result = SendResult(Outcome.UNKNOWN, 0, f"send failed: {type(exc).__name__}")
             for observer in observers:
                 observer.send_latency(time.perf_counter() - started)
             return r, result

@@ -84,6 +84,8 @@ class WorkerRuntime:
         )
         self.templates: dict[str, Any] = {}
         self._sweeper_task: concurrent.futures.Future[None] | None = None
+        #: Batches still running on the loop (a task may have stopped waiting for one).
+        self._running: set[concurrent.futures.Future[Any]] = set()
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -97,6 +99,14 @@ class WorkerRuntime:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.pool.start(), self.loop)
         log.info("worker runtime started: %r", self.pool)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the loop; ``close()`` waits for it before closing the pool."""
+        self.start()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return future
 
     def run(self, coro: Coroutine[Any, Any, T], *, timeout_s: float | None = None) -> T:
         """Run ``coro`` on this process's loop and wait for its result (bounded)."""
@@ -135,6 +145,8 @@ class WorkerRuntime:
 
         if self._sweeper_task is not None:
             self._sweeper_task.cancel()
+        if self._running:  # let batches still sending finish and record, within the lease
+            concurrent.futures.wait(list(self._running), timeout=self.settings.claim_lease_s)
 
         async def _close() -> None:
             try:

@@ -431,3 +431,22 @@ def test_a_lease_lost_mid_batch_stops_those_messages(server):
     assert rt.pool.sent["r5@example.com"] == 0
     assert any(f.why == "taken over" for f in report.follow_ups)
     assert sum(rt.pool.sent.values()) == 5
+
+
+def test_a_send_that_raises_is_unknown_and_the_rest_of_its_chunk_is_recorded(server):
+    job = new_campaign(server, 8)
+    rt = make_runtime(server)
+    original_send = rt.pool.send
+
+    async def send(envelope_from, recipients, data):
+        if recipients[0] == "r2@example.com":
+            raise RuntimeError("pool is closed")
+        return await original_send(envelope_from, recipients, data)
+
+    rt.pool.send = send
+    report = run(rt, job)
+    assert counts(server) == {"sent": 7, "unknown": 1}
+    assert sync_store(server).message_status("c1.2").reason == "send failed: RuntimeError"
+    assert ledger(server) == set() and not report.follow_ups
+    run(rt, job)  # a late copy sends nothing again
+    assert set(rt.pool.sent.values()) == {1} and sum(rt.pool.sent.values()) == 7

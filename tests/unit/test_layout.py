@@ -50,3 +50,27 @@ def test_the_low_rooms_import_only_themselves_and_the_shared_vocabulary(room: st
         m for m in _imports(room) if not m.startswith(f"ses_tasks.{room}") and m not in VOCABULARY
     }
     assert outside == set(), f"{room}/ reaches up into {sorted(outside)}"
+
+
+def test_python_dash_m_with_an_old_path_runs_the_moved_module() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ses_tasks.cli", "--help"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Usage:" in out.stdout
+
+
+def test_an_alias_leaves_the_real_module_its_own_spec() -> None:
+    code = (
+        "import importlib.resources, importlib.util\n"
+        "import ses_tasks.workers, ses_tasks.app\n"
+        "import ses_tasks.worker, ses_tasks.queue.app\n"
+        "assert ses_tasks.worker.__spec__.name == 'ses_tasks.worker'\n"
+        "assert ses_tasks.worker.__spec__.submodule_search_locations\n"
+        "assert importlib.resources.files('ses_tasks.worker').is_dir()\n"
+        "assert ses_tasks.queue.app.__spec__.name == 'ses_tasks.queue.app'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -308,3 +308,17 @@ def test_take_due_republishes_past_due_entries_once_and_counts_them():
     assert [e.batch_id for e in entries] == ["b0"]
     assert asyncio.run(astore.take_due("c1", limit=10))[1] == []  # due pushed out
     assert sync.redis.hget(sync.keys.campaign("c1"), "swept") == b"1"
+
+
+def test_a_batch_another_worker_took_over_stays_in_the_ledger(store):
+    items = make(store, n=2)
+    store.register_batch("c1", LedgerEntry("b0", {"items": []}))
+    store.claim("c1", items, lease_s=60, token="a", batch_id="b0")
+    store.redis.hset(store.keys.message("c1.1"), "lease_token", "b")  # b took c1.1 over
+    store.finish(
+        "c1",
+        [Transition("c1.0", MessageState.SENT)],
+        settle=Settlement(token="a", release=["c1.1"], done_batch="b0"),
+    )
+    assert {k.decode() for k in store.redis.hkeys(store.keys.batches("c1"))} == {"b0"}
+    assert store.message_status("c1.1").state is MessageState.SENDING

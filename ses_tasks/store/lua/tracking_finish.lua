@@ -67,6 +67,14 @@ for i = 1, nr do
     redis.call('HDEL', key, 'lease_until', 'lease_token')
   end
 end
+-- A batch another worker took over (our lease lapsed) is left in the ledger: that worker
+-- settles it, or the sweeper hands it on if that worker dies too.
+if done ~= '' and token ~= '' then
+  for i = 1, nt + nr do
+    local rec = redis.call('HMGET', KEYS[4 + i], 'state', 'lease_token')
+    if rec[1] == 'sending' and rec[2] and rec[2] ~= token then done = '' break end
+  end
+end
 if done ~= '' then
   redis.call('HDEL', KEYS[3], done)
   redis.call('ZREM', KEYS[4], done)

@@ -6,7 +6,9 @@
 local now = now_ms()
 local lease_ms, token = tonumber(ARGV[1]), ARGV[2]
 local out = {redis.call('HGET', KEYS[1], 'state') or 'missing', tostring(now)}
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', now + lease_ms, ARGV[3]) end
+-- XX GT: only an entry that still exists, and never earlier than it is due (a follow-up
+-- that reuses the batch id keeps its own later due time).
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[2], 'XX', 'GT', now + lease_ms, ARGV[3]) end
 for i = 3, #KEYS do
   local rec = redis.call('HMGET', KEYS[i], 'state', 'lease_token')
   if rec[1] == 'sending' and rec[2] == token then

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -274,21 +275,27 @@ def _sentinel_kwargs(settings: Settings | None) -> dict[str, Any]:
     return options
 
 
-def sync_redis(url: str, *, settings: Settings | None = None, **overrides: Any) -> redis.Redis:
-    """A ``redis.Redis`` for ``url`` (see the module docstring); ``overrides`` win."""
+def _client(
+    url: str,
+    settings: Settings | None,
+    overrides: dict[str, Any],
+    *,
+    client_class: type[Any],
+    sentinel_class: type[Any],
+    master_class: type[Any],
+    retry: Callable[[], Any],
+) -> Any:
+    """One recipe for both kinds of client: the same options, sentinel or not."""
     if is_sentinel_url(url):
-        from redis.sentinel import Sentinel
-
         target = parse_sentinel_url(url)
-        options = {**client_options(settings), "retry": _retry(), **overrides}
-        manager = Sentinel(
+        manager = sentinel_class(
             list(target.sentinels),
-            sentinel_kwargs={**_sentinel_kwargs(settings), "retry": _retry()},
-            **options,
+            sentinel_kwargs={**_sentinel_kwargs(settings), "retry": retry()},
+            **{**client_options(settings), "retry": retry(), **overrides},
         )
         client = manager.master_for(
             target.master_name,
-            redis_class=_SentinelRedis,
+            redis_class=master_class,
             db=target.db,
             username=target.username,
             password=target.password,
@@ -296,36 +303,41 @@ def sync_redis(url: str, *, settings: Settings | None = None, **overrides: Any) 
         client._sentinel_manager = manager
         return client
     tcp = not url.lower().startswith("unix:")
-    return redis.Redis.from_url(
-        url, **{**client_options(settings, tcp=tcp), "retry": _retry(), **overrides}
+    return client_class.from_url(
+        url, **{**client_options(settings, tcp=tcp), "retry": retry(), **overrides}
     )
+
+
+def sync_redis(url: str, *, settings: Settings | None = None, **overrides: Any) -> redis.Redis:
+    """A ``redis.Redis`` for ``url`` (see the module docstring); ``overrides`` win."""
+    from redis.sentinel import Sentinel
+
+    client: redis.Redis = _client(
+        url,
+        settings,
+        overrides,
+        client_class=redis.Redis,
+        sentinel_class=Sentinel,
+        master_class=_SentinelRedis,
+        retry=_retry,
+    )
+    return client
 
 
 def async_redis(url: str, *, settings: Settings | None = None, **overrides: Any) -> aioredis.Redis:
     """A ``redis.asyncio.Redis`` for ``url`` (see the module docstring); ``overrides`` win."""
-    if is_sentinel_url(url):
-        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
-        target = parse_sentinel_url(url)
-        options = {**client_options(settings), "retry": _async_retry(), **overrides}
-        manager = AsyncSentinel(
-            list(target.sentinels),
-            sentinel_kwargs={**_sentinel_kwargs(settings), "retry": _async_retry()},
-            **options,
-        )
-        client = manager.master_for(
-            target.master_name,
-            redis_class=_AsyncSentinelRedis,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-        )
-        client._sentinel_manager = manager
-        return client
-    tcp = not url.lower().startswith("unix:")
-    return aioredis.Redis.from_url(
-        url, **{**client_options(settings, tcp=tcp), "retry": _async_retry(), **overrides}
+    client: aioredis.Redis = _client(
+        url,
+        settings,
+        overrides,
+        client_class=aioredis.Redis,
+        sentinel_class=AsyncSentinel,
+        master_class=_AsyncSentinelRedis,
+        retry=_async_retry,
     )
+    return client
 
 
 # kombu ------------------------------------------------------------------------------------

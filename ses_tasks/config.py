@@ -115,6 +115,15 @@ class Settings(BaseSettings):
     redeliver_after_s: float | None = Field(default=None, gt=0)
     #: How often the fleet's sweeper looks for batches past due (one process sweeps).
     sweep_interval_s: float = Field(default=5.0, gt=0)
+    #: Batches of bulk mail the broker holds for the whole fleet; default: what the live
+    #: workers run at once (their heartbeats say). Bounds broker memory and fairness lag.
+    dispatch_window: int | None = Field(default=None, ge=1, le=100_000)
+    #: A batch handed to the broker that no worker claimed within this long is handed
+    #: over again by the sweeper (its publish was lost, or its dispatcher died).
+    dispatch_timeout_s: float = Field(default=120.0, gt=0)
+    #: Batches one worker process runs at once: the next batch's claim and render overlap
+    #: the tail of the last one, so the process's connections stay busy.
+    batches_per_process: int = Field(default=2, ge=1, le=64)
     #: Upper bound on one task's run on the worker's event loop.
     task_timeout_s: float = Field(default=900.0, gt=0)
     #: Broker redelivery of unacknowledged tasks; must outlast every retry delay.

@@ -49,6 +49,14 @@ class Keys:
         """Ledger entry -> when the sweeper republishes it unless a worker settles it first."""
         return f"{self.prefix}:c:{{{campaign_id}}}:due"
 
+    def backlog(self, campaign_id: str) -> str:
+        """Stored batches not yet handed to the broker (batch id -> first seq)."""
+        return f"{self.prefix}:c:{{{campaign_id}}}:backlog"
+
+    def dispatched(self, campaign_id: str) -> str:
+        """Batches handed to the broker and not yet settled: the campaign's used credits."""
+        return f"{self.prefix}:c:{{{campaign_id}}}:dispatched"
+
     def message_prefix(self, campaign_id: str) -> str:
         return f"{self.prefix}:m:{{{campaign_id}}}:"
 
@@ -72,6 +80,18 @@ class Keys:
     def sweeper_lock(self) -> str:
         """Held by the one worker process that sweeps for the whole fleet."""
         return f"{self.prefix}:sweeper"
+
+    def dispatcher_lock(self) -> str:
+        """Held by the one worker process that dispatches for the whole fleet."""
+        return f"{self.prefix}:dispatcher"
+
+    def dispatch_kick(self) -> str:
+        """A list the dispatcher blocks on: a push wakes it (a batch settled, one stored)."""
+        return f"{self.prefix}:dispatch-kick"
+
+    def workers(self) -> str:
+        """Live worker processes (``token|batches at once`` -> heartbeat deadline, ms)."""
+        return f"{self.prefix}:workers"
 
     def suppression(self) -> str:
         return f"{self.prefix}:suppressed"

@@ -192,7 +192,7 @@ class FleetRateLimiter:
     limiter keeps working after a Redis restart or ``SCRIPT FLUSH``.
     """
 
-    _script_names = ("acquire", "refund", "throttle", "status")
+    _script_names = ("acquire", "refund", "throttle", "status", "shares")
 
     def __init__(
         self,
@@ -300,7 +300,7 @@ class FleetRateLimiter:
         return "" if self._now_us is None else str(int(self._now_us()))
 
     def _acquire_args(
-        self, n: int, priority: Priority, max_wait_s: float | None, mode: str
+        self, n: int, priority: Priority, max_wait_s: float | None, mode: str, campaign: str = ""
     ) -> list[str]:
         return [
             self._now_arg(),
@@ -310,6 +310,7 @@ class FleetRateLimiter:
             "-1" if max_wait_s is None else repr(max(0.0, max_wait_s) * 1e6),
             mode,
             *self._recovery_config,
+            campaign,
         ]
 
     def _grant(self, raw: Sequence[Any]) -> _Grant:
@@ -408,6 +409,7 @@ class FleetRateLimiter:
         *,
         priority: Priority = Priority.BULK,
         max_wait_s: float | None = None,
+        campaign: str = "",
     ) -> float:
         """Wait until ``n`` recipients may be sent; returns the seconds waited.
 
@@ -421,7 +423,7 @@ class FleetRateLimiter:
         while True:
             left = None if max_wait_s is None else max_wait_s - (time.monotonic() - start)
             grant = self._grant(
-                await self._call("acquire", self._acquire_args(n, priority, left, mode))
+                await self._call("acquire", self._acquire_args(n, priority, left, mode, campaign))
             )
             if grant.status == "long":
                 raise RateLimitWaitExceeded(
@@ -444,6 +446,18 @@ class FleetRateLimiter:
             await self._call("acquire", self._acquire_args(n, priority, None, "force"))
         )
         return grant.wait_s
+
+    async def set_shares(self, shares: dict[str, float]) -> None:
+        """Each sending campaign's share of the rate (from the dispatcher; {} = no split).
+
+        Bulk callers naming a campaign with a share below 1 also pass that campaign's own
+        GCRA at ``share * rate``, so one campaign's many batches cannot crowd out another's
+        few. Shares not refreshed for 10 s are ignored.
+        """
+        args = [self._now_arg(), str(self.ttl_ms)]
+        for campaign, share in shares.items():
+            args += [campaign, repr(float(share))]
+        await self._call("shares", args)
 
     async def on_throttle(self) -> float:
         """SES said 454 Maximum sending rate exceeded: slow the fleet; returns the new rate."""

@@ -1,9 +1,11 @@
 """Campaigns from the producer's side: create, stream recipients into batches, control.
 
 A campaign's template is validated and stored once; recipients are streamed from a file or
-an iterable and enqueued in batches of ``batch_size`` rows, each task carrying only
-``[seq, email, variables, failures]`` rows. Bad rows are recorded ``failed`` with their
-reason as they are met, so the campaign's counters always cover every row.
+an iterable and stored in batches of ``batch_size`` rows (``[seq, email, variables,
+attempts]``) in Redis. The producer publishes nothing: the fleet's dispatcher hands batches
+to the broker as workers free up, sharing the rate between campaigns by weight. Bad rows
+are recorded ``failed`` with their reason as they are met, so the campaign's counters
+always cover every row.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from celery import Celery
 
 from ses_tasks.config import Settings
-from ses_tasks.errors import CampaignError, SesTasksError
+from ses_tasks.errors import CampaignError, SesTasksError, ValidationError
 from ses_tasks.message.spec import CampaignTemplate
 from ses_tasks.produce.recipients import Recipient, RowError, iter_recipients
 from ses_tasks.queue.publish import publish_job
@@ -36,6 +38,19 @@ from ses_tasks.worker.delivery import BatchItem, BatchJob
 __all__ = ["CampaignControl", "CampaignProducer", "new_campaign_id"]
 
 ProgressCallback = Callable[[int], None]
+#: The dispatcher is woken at most this often while a campaign is being stored.
+KICK_EVERY_S = 0.2
+MAX_WEIGHT = 1000.0
+
+
+def check_weight(weight: float) -> float:
+    if not isinstance(weight, int | float) or isinstance(weight, bool):
+        raise ValidationError("weight", f"must be a number, not {weight!r}")
+    if not 0 < weight <= MAX_WEIGHT:
+        raise ValidationError(
+            "weight", f"must be above 0 and at most {MAX_WEIGHT:g}, not {weight!r}"
+        )
+    return float(weight)
 
 
 def new_campaign_id() -> str:
@@ -56,6 +71,7 @@ class CampaignProducer:
         campaign_id: str | None = None,
         progress: ProgressCallback | None = None,
         resume: bool = False,
+        weight: float = 1.0,
     ) -> CampaignStatus:
         """Create the campaign and enqueue every recipient; returns the status after enqueue.
 
@@ -64,6 +80,7 @@ class CampaignProducer:
         rows already enqueued are skipped, and the last batch whose fate is unknown is
         published again (workers skip whatever of it was already sent).
         """
+        weight = check_weight(weight)
         rows = iter_recipients(recipients)  # file header errors surface here, before creation
         stored = template.to_dict()
         if resume:
@@ -79,13 +96,17 @@ class CampaignProducer:
                     "from": stored["from"],
                     "subject": stored["subject"][:200],
                     "mode": self.settings.endpoint.mode.value,
+                    "weight": repr(weight),
                 },
             )
             published = counted = 0
+        self._last_kick = 0.0
         self._enqueue(
             campaign_id, rows, published_upto=published, counted_upto=counted, progress=progress
         )
-        return self.store.finish_enqueue(campaign_id)
+        status = self.store.finish_enqueue(campaign_id)
+        self._kick(force=True)
+        return status
 
     def _resume_point(self, campaign_id: str, template: dict[str, Any]) -> tuple[int, int]:
         status = self.store.campaign_status(campaign_id)
@@ -147,32 +168,34 @@ class CampaignProducer:
         counted_upto: int,
         progress: ProgressCallback | None,
     ) -> None:
+        """Store one batch for the dispatcher and advance the watermark, in one step."""
         new = sum(1 for item in batch if int(item.seq) >= counted_upto) + sum(
             1 for t in bad if int(t.message_id.rsplit(".", 1)[1]) >= counted_upto
         )
-        job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}") if batch else None
         pipe = self.store.redis.pipeline(transaction=True)
         if new:
             self.store.add_queued(campaign_id, new, pipe)
-        if job is not None:  # in the ledger before it is published: a lost publish is swept
-            self.store.register_batch(campaign_id, LedgerEntry(job.batch_id, job.payload()), pipe)
+        if batch:
+            job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}")
+            entry = LedgerEntry(job.batch_id, job.payload())
+            self.store.store_batch(campaign_id, entry, int(batch[0].seq), pipe)
+        if not bad:
+            self.store.set_enqueued_upto(campaign_id, seq_end, pipe)
         pipe.execute()
-        if bad:
+        if bad:  # recorded, then counted as enqueued (recording again on resume is harmless)
             self.store.finish(campaign_id, bad)
-        if job is not None:
-            try:
-                publish_job(self.app, self.settings.endpoint.mode, job)
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    self.store.mark_due_now(campaign_id, [job.batch_id])
-                raise SesTasksError(
-                    f"campaign {campaign_id}: the broker refused a batch ({exc}); nothing is "
-                    f"lost: run `ses-tasks campaign send --resume --id {campaign_id} ...` with "
-                    "the same options to continue"
-                ) from exc
-        self.store.set_enqueued_upto(campaign_id, seq_end)
+            self.store.set_enqueued_upto(campaign_id, seq_end)
+        if batch:
+            self._kick()
         if progress:
             progress(len(batch) + len(bad))
+
+    def _kick(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_kick >= KICK_EVERY_S:
+            self._last_kick = now
+            with contextlib.suppress(Exception):  # the dispatcher also polls
+                self.store.kick_dispatcher()
 
     def publish(self, campaign_id: str, entries: Sequence[LedgerEntry]) -> None:
         """Publish ledger entries; one that fails is left due for the sweeper."""
@@ -216,13 +239,24 @@ class CampaignControl:
         return self.store.pause(campaign_id)
 
     def resume(self, campaign_id: str) -> int:
-        """Resume and hand parked batches back to the broker; returns messages re-enqueued."""
+        """Resume and hand parked batches back to the broker; returns messages re-enqueued.
+
+        Batches never handed out stay stored; the dispatcher resumes taking them.
+        """
         entries = self.store.resume(campaign_id)
         self.producer.publish(campaign_id, entries)
+        with contextlib.suppress(Exception):
+            self.store.kick_dispatcher()
         return sum(len(e.payload["items"]) for e in entries)
 
     def cancel(self, campaign_id: str) -> int:
-        return self.store.cancel(campaign_id)
+        cancelled = self.store.cancel(campaign_id)
+        with contextlib.suppress(Exception):  # stored batches are taken to record them
+            self.store.kick_dispatcher()
+        return cancelled
+
+    def set_weight(self, campaign_id: str, weight: float) -> None:
+        self.store.set_weight(campaign_id, check_weight(weight))
 
     def retry_failed(self, campaign_id: str, *, include_unknown: bool = False) -> int:
         """Requeue every ``failed`` message (and ``unknown`` if asked) with a fresh budget."""

@@ -1,7 +1,12 @@
 """Celery tasks: thin, synchronous shells around ``delivery`` on the worker's event loop.
 
 A batch task runs ``delivery.deliver`` and publishes the follow-up batches it returns
-(already in the ledger, so a failed publish is swept later, never lost). The single-message
+(already in the ledger, so a failed publish is swept later, never lost). It returns as soon
+as the batch's last sends are on the wire and the process runs fewer than
+``BATCHES_PER_PROCESS`` batches: the next batch's claim and render overlap this one's tail,
+so the process's connections never idle between batches. The tail settles on the loop; a
+crash meanwhile is covered by the ledger like any other (the sweeper takes the batch over
+after its lease). The single-message
 task is a batch of one at transactional priority; its task id is the message id, and it
 ends in Celery's RETRY state while a follow-up is pending, so ``AsyncResult.get()`` waits
 for the final record.
@@ -10,8 +15,12 @@ for the final record.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED
 from typing import Any
 
 from celery import Task
@@ -32,6 +41,7 @@ from ses_tasks.queue.app import BATCH_TASK, MESSAGE_TASK, app
 from ses_tasks.queue.publish import publish_job
 from ses_tasks.states import OPEN_STATES, MessageState
 from ses_tasks.worker.delivery import (
+    STORE_ERRORS,
     BatchItem,
     BatchJob,
     BatchReport,
@@ -64,7 +74,7 @@ def _publish(runtime: WorkerRuntime, job: BatchJob, countdown_s: float) -> None:
 @worker_process_init.connect
 def _warm_up(**_: Any) -> None:
     runtime = get_runtime()
-    runtime.start_sweeper(lambda job: _publish(runtime, job, 0.0))
+    runtime.start_fleet_loops(lambda job: _publish(runtime, job, 0.0))
     if metrics.enabled():
         metrics.setup_worker_process(runtime)
 
@@ -101,14 +111,41 @@ def _again(task: Task, job: BatchJob, runtime: WorkerRuntime, exc: Exception) ->
 
 
 class _StillRunning(Exception):
-    """The batch outlived TASK_TIMEOUT_S; it finishes on the loop and settles itself."""
+    """The batch finishes on the loop and settles itself (its tail, or past TASK_TIMEOUT_S)."""
 
 
-def _run(runtime: WorkerRuntime, job: BatchJob) -> BatchReport:
+async def _deliver(
+    runtime: WorkerRuntime, job: BatchJob, on_tail: Callable[[], None] | None
+) -> BatchReport:
+    report = await deliver(runtime, job, on_tail=on_tail)
+    if job.priority is Priority.BULK:  # a slot is free: the dispatcher hands out the next
+        with contextlib.suppress(*STORE_ERRORS):
+            await runtime.store.kick_dispatcher()
+    return report
+
+
+def _run(runtime: WorkerRuntime, job: BatchJob, *, overlap: bool = False) -> BatchReport:
+    """Run ``job`` on the loop; with ``overlap``, stop waiting once its tail may overlap."""
+    timeout_s = runtime.settings.task_timeout_s
     with logs.log_context(campaign_id=job.campaign_id):
-        future = runtime.submit(deliver(runtime, job))
+        tail: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def on_tail() -> None:
+            if not tail.done():
+                tail.set_result(None)
+
+        future = runtime.submit(_deliver(runtime, job, on_tail if overlap else None))
+        deadline = time.monotonic() + timeout_s
+        if overlap:
+            either: list[concurrent.futures.Future[Any]] = [future, tail]
+            concurrent.futures.wait(either, timeout_s, FIRST_COMPLETED)
+            if not future.done() and runtime.wait_for_room(
+                runtime.settings.batches_per_process, deadline - time.monotonic()
+            ):
+                future.add_done_callback(lambda f: _later(runtime, job, f))
+                raise _StillRunning
         try:
-            return future.result(timeout=runtime.settings.task_timeout_s)
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
             log.warning("batch of %s still running after TASK_TIMEOUT_S", job.campaign_id)
             future.add_done_callback(lambda f: _later(runtime, job, f))
@@ -155,12 +192,12 @@ def send_batch(
         except Exception as exc:  # cosmetic: never fail a batch for it
             log.debug("could not store the SENDING state: %s", exc)
     try:
-        report = _run(runtime, job)
+        report = _run(runtime, job, overlap=True)
     except StoreUnavailableError as exc:
         _again(self, job, runtime, exc)
         return {"campaign_id": campaign_id, "sent": 0, "retried": True}
     except _StillRunning:
-        return {"campaign_id": campaign_id, "still_running": True}
+        return {"campaign_id": campaign_id, "finishing": len(items)}
     _publish_follow_ups(runtime, report)
     return {
         "campaign_id": campaign_id,

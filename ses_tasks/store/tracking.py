@@ -32,6 +32,7 @@ __all__ = [
     "CampaignStatus",
     "Claim",
     "ClaimReply",
+    "DispatchReply",
     "LedgerEntry",
     "MessageRecord",
     "RenewReply",
@@ -52,6 +53,7 @@ CONTROL_LUA = tracking_script("tracking_control.lua")
 CANCEL_PARKED_LUA = tracking_script("tracking_cancel_parked.lua")
 RENEW_LUA = tracking_script("tracking_renew.lua")
 TAKE_DUE_LUA = tracking_script("ledger_take_due.lua")
+DISPATCH_LUA = tracking_script("ledger_dispatch.lua")
 ENQUEUE_ONE_LUA = tracking_script("tracking_enqueue_one.lua")
 
 
@@ -152,6 +154,22 @@ class Settlement:
     done_batch: str = ""
     #: New ledger entries (follow-up batches) written as the settled one is removed.
     follow_ups: Sequence[LedgerEntry] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchReply:
+    """One campaign as the dispatcher sees it, and the batches it took for the broker."""
+
+    campaign_id: str
+    state: CampaignState | None
+    #: Batches handed to the broker and not settled yet (the credits in use).
+    in_flight: int
+    #: Batches stored and not yet handed to the broker.
+    backlog: int
+    weight: float
+    #: Messages not final yet.
+    open: int
+    taken: list[LedgerEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +487,32 @@ class StatusStore(_Base):
         target.expire(self.keys.batches(campaign_id), self.retention_s)
         target.expire(self.keys.due(campaign_id), self.retention_s)
 
+    def store_batch(self, campaign_id: str, entry: LedgerEntry, seq: int, pipe: Any) -> None:
+        """Keep a batch for the dispatcher: in the ledger and the backlog, not yet published.
+
+        Not due: the sweeper never republishes a batch the dispatcher has not handed out.
+        """
+        pipe.hset(self.keys.batches(campaign_id), entry.batch_id, entry.payload_json())
+        pipe.zadd(self.keys.backlog(campaign_id), {entry.batch_id: seq}, nx=True)
+        pipe.expire(self.keys.batches(campaign_id), self.retention_s)
+        pipe.expire(self.keys.backlog(campaign_id), self.retention_s)
+
+    def kick_dispatcher(self) -> None:
+        """Wake the fleet's dispatcher now instead of at its next poll."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.keys.dispatch_kick(), 1)
+        pipe.ltrim(self.keys.dispatch_kick(), 0, 0)
+        pipe.execute()
+
+    def set_weight(self, campaign_id: str, weight: float) -> None:
+        """Change a running campaign's share of the rate (takes effect at the next dispatch)."""
+        self.campaign_status(campaign_id)  # raises for an unknown campaign
+        self.redis.hset(self.keys.campaign(campaign_id), "weight", repr(float(weight)))
+        self.kick_dispatcher()
+
+    def backlog_size(self, campaign_id: str) -> int:
+        return int(self.redis.zcard(self.keys.backlog(campaign_id)))
+
     def activate(self, campaign_id: str) -> None:
         """Put a campaign (back) on the sweeper's list before writing ledger entries."""
         self.redis.zadd(self.keys.active(), {campaign_id: int(time.time() * 1000)}, nx=True)
@@ -506,8 +550,9 @@ class StatusStore(_Base):
         raw = self.redis.hget(self.keys.campaign(campaign_id), "enqueued_upto")
         return int(raw or 0)
 
-    def set_enqueued_upto(self, campaign_id: str, seq: int) -> None:
-        self.redis.hset(self.keys.campaign(campaign_id), "enqueued_upto", seq)
+    def set_enqueued_upto(self, campaign_id: str, seq: int, pipe: Any = None) -> None:
+        target = pipe if pipe is not None else self.redis
+        target.hset(self.keys.campaign(campaign_id), "enqueued_upto", seq)
 
     def finish_enqueue(self, campaign_id: str) -> CampaignStatus:
         """All batches are in the broker: the campaign runs, or completes if nothing is open."""
@@ -689,6 +734,7 @@ class AsyncStatusStore(_Base):
         self._renew = client.register_script(RENEW_LUA)
         self._control = client.register_script(CONTROL_LUA)
         self._take_due = client.register_script(TAKE_DUE_LUA)
+        self._dispatch = client.register_script(DISPATCH_LUA)
 
     async def claim(
         self,
@@ -800,6 +846,43 @@ class AsyncStatusStore(_Base):
             for i in range(0, len(pairs), 2)
         ]
         return parse_campaign_state(raw[0]), entries
+
+    # The dispatcher ---------------------------------------------------------------------
+
+    async def dispatch(
+        self, campaign_id: str, take: int, *, unclaimed_after_s: float
+    ) -> DispatchReply:
+        """Count a campaign's credits in use and take up to ``take`` stored batches."""
+        k = self.keys
+        keys = [
+            k.campaign(campaign_id),
+            k.batches(campaign_id),
+            k.due(campaign_id),
+            k.backlog(campaign_id),
+            k.dispatched(campaign_id),
+        ]
+        raw = await self._dispatch(
+            keys=keys, args=[take, int(unclaimed_after_s * 1000), self.retention_s]
+        )
+        pairs = raw[5:]
+        return DispatchReply(
+            campaign_id,
+            parse_campaign_state(raw[0]),
+            int(raw[1]),
+            int(raw[2]),
+            float(_text(raw[3])),
+            int(raw[4]),
+            [
+                LedgerEntry(_text(pairs[i]), json.loads(_text(pairs[i + 1])))
+                for i in range(0, len(pairs), 2)
+            ],
+        )
+
+    async def kick_dispatcher(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.keys.dispatch_kick(), 1)
+        pipe.ltrim(self.keys.dispatch_kick(), 0, 0)
+        await pipe.execute()
 
     async def retire_if_settled(self, campaign_id: str) -> bool:
         """Drop a finished campaign from the sweeper's list once its ledger is empty."""

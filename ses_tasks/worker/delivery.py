@@ -266,7 +266,7 @@ class StoreOps(Protocol):
 
 
 class LimiterOps(Protocol):
-    async def acquire(self, n: int, *, priority: Priority = ...) -> float: ...
+    async def acquire(self, n: int, *, priority: Priority = ..., campaign: str = ...) -> float: ...
     async def on_throttle(self) -> float: ...
 
 
@@ -422,6 +422,7 @@ class _Run:
         self.fatal_items: list[BatchItem] = []
         self.quota_retry_s: float | None = None
         self.store_down = False
+        self.on_tail: Callable[[], None] | None = None
         self.throttled = False
 
     # Claim and render -------------------------------------------------------------------
@@ -682,6 +683,8 @@ class _Run:
                     if len(self.pending) >= chunk_size:
                         await self._flush_mid_batch()
         finally:
+            if self.on_tail is not None:  # the last sends are on the wire: the caller may
+                self.on_tail()  # start the next batch while these finish
             # Whatever happened, sends already started finish and are recorded.
             if inflight:
                 done, _ = await asyncio.wait(inflight)
@@ -697,6 +700,8 @@ class _Run:
 
     async def _take_tokens(self, weight: int, priority: Priority) -> bool:
         rt, s = self.rt, self.rt.settings
+        # Bulk names its campaign: the limiter holds each campaign to its fair share.
+        campaign = self.job.campaign_id if priority is Priority.BULK else ""
         try:
             decision = await persist(
                 "quota", lambda: rt.quota.try_consume(weight), budget_s=self.hot_budget_s
@@ -706,7 +711,7 @@ class _Run:
                 return False
             waited_s = await persist(
                 "rate limit",
-                lambda: rt.limiter.acquire(weight, priority=priority),
+                lambda: rt.limiter.acquire(weight, priority=priority, campaign=campaign),
                 budget_s=self.hot_budget_s,
             )
         except StoreUnavailableError as exc:
@@ -932,14 +937,20 @@ class _Run:
         entries.append(self._follow_up(items, 0.0, "campaign resumed"))
 
 
-async def deliver(rt: DeliveryRuntime, job: BatchJob) -> BatchReport:
+async def deliver(
+    rt: DeliveryRuntime, job: BatchJob, *, on_tail: Callable[[], None] | None = None
+) -> BatchReport:
     """Send one batch; every claimed message ends recorded, parked or in a follow-up.
+
+    ``on_tail`` is called once every send has started (or sending stopped early): from
+    then on the batch only waits for replies and records them.
 
     Raises ``StoreUnavailableError`` only before anything was sent (the claim could not be
     made): the caller retries the task.
     """
     job = _without_repeats(job)
     run = _Run(rt, job)
+    run.on_tail = on_tail
     if not job.items:
         return run.report
     ready = await run.claim()

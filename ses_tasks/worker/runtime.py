@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +28,7 @@ from ses_tasks.smtp.endpoint import make_tls_context
 from ses_tasks.smtp.pool import SmtpPool
 from ses_tasks.store.connections import async_redis
 from ses_tasks.store.tracking import AsyncStatusStore, parse_message
+from ses_tasks.worker.dispatcher import Dispatcher
 from ses_tasks.worker.sweeper import Sweeper
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class WorkerRuntime:
         )
         self.templates: dict[str, Any] = {}
         self._sweeper_task: concurrent.futures.Future[None] | None = None
+        self._dispatcher_task: concurrent.futures.Future[None] | None = None
         #: Batches still running on the loop (a task may have stopped waiting for one).
         self._running: set[concurrent.futures.Future[Any]] = set()
 
@@ -108,6 +111,18 @@ class WorkerRuntime:
         future.add_done_callback(self._running.discard)
         return future
 
+    def wait_for_room(self, limit: int, timeout_s: float) -> bool:
+        """Wait until fewer than ``limit`` submitted batches run; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = [f for f in list(self._running) if not f.done()]
+            if len(running) < limit:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            concurrent.futures.wait(running, left, concurrent.futures.FIRST_COMPLETED)
+
     def run(self, coro: Coroutine[Any, Any, T], *, timeout_s: float | None = None) -> T:
         """Run ``coro`` on this process's loop and wait for its result (bounded)."""
         self.start()
@@ -116,12 +131,17 @@ class WorkerRuntime:
         # sends unrecorded. It finishes on the loop; the caller stops waiting for it.
         return future.result(timeout=timeout_s or self.settings.task_timeout_s)
 
-    def start_sweeper(self, publish: Callable[[BatchJob], None]) -> None:
-        """Run the fleet's sweeper loop here (it sweeps only while it holds the lock)."""
+    def start_fleet_loops(self, publish: Callable[[BatchJob], None]) -> None:
+        """Run the fleet's sweeper and dispatcher loops here (each acts only as leader)."""
         self.start()
         if self._sweeper_task is None:
             sweeper = Sweeper(self, publish)
             self._sweeper_task = asyncio.run_coroutine_threadsafe(sweeper.run_forever(), self.loop)
+        if self._dispatcher_task is None:
+            dispatcher = Dispatcher(self, publish)
+            self._dispatcher_task = asyncio.run_coroutine_threadsafe(
+                dispatcher.run_forever(), self.loop
+            )
 
     async def stored_record(self, message_id: str) -> dict[str, Any]:
         """A message's record as a task result (``queued`` if there is none)."""
@@ -143,8 +163,9 @@ class WorkerRuntime:
             return
         self._closed = True
 
-        if self._sweeper_task is not None:
-            self._sweeper_task.cancel()
+        for loop_task in (self._sweeper_task, self._dispatcher_task):
+            if loop_task is not None:
+                loop_task.cancel()
         if self._running:  # let batches still sending finish and record, within the lease
             concurrent.futures.wait(list(self._running), timeout=self.settings.claim_lease_s)
 

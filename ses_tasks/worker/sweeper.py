@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ses_tasks.worker import leadership
 from ses_tasks.worker.delivery import STORE_ERRORS, BatchJob
 
 if TYPE_CHECKING:
@@ -50,17 +51,9 @@ class Sweeper:
 
     async def lead(self) -> bool:
         """Take or keep the fleet's sweeper lock."""
-        redis, key, token = self.rt.redis, self.rt.store.keys.sweeper_lock(), self.rt.token
-        if await redis.set(key, token, nx=True, px=self.lock_ttl_ms):
-            return True
-        holder = await redis.get(key)
-        if (
-            holder is not None
-            and (holder.decode() if isinstance(holder, bytes) else holder) == token
-        ):
-            await redis.pexpire(key, self.lock_ttl_ms)
-            return True
-        return False
+        return await leadership.hold(
+            self.rt.redis, self.rt.store.keys.sweeper_lock(), self.rt.token, self.lock_ttl_ms
+        )
 
     async def sweep_once(self) -> int:
         """One pass over every active campaign; returns batches republished."""

@@ -157,9 +157,7 @@ def test_interrupted_enqueue_resumes_without_loss_or_duplicates(make_pipeline):
         client.send_campaign(recipients=_dies_after(rows, 260), campaign_id="resumed", **options)
     interrupted = client.campaign_status("resumed")
     assert interrupted.state.value == "enqueueing" and interrupted.total <= 260
-    final = client.send_campaign(
-        recipients=rows, campaign_id="resumed", resume=True, **options
-    )
+    final = client.send_campaign(recipients=rows, campaign_id="resumed", resume=True, **options)
     assert final.total == 530
     done = pipeline.wait_done("resumed")
     assert done.counts["sent"] == 529 and done.counts["failed"] == 1 and _adds_up(done)
@@ -200,12 +198,29 @@ def test_resume_refuses_a_different_template(make_pipeline):
 
     pipeline = make_pipeline("tls")
     client = pipeline.client
-    client.send_campaign(from_="a@example.com", subject="One", text="x",
-                         recipients=_recipients("t", 3), campaign_id="tmpl")
+    client.send_campaign(
+        from_="a@example.com",
+        subject="One",
+        text="x",
+        recipients=_recipients("t", 3),
+        campaign_id="tmpl",
+    )
     with pytest.raises(CampaignError, match="already fully enqueued"):
-        client.send_campaign(from_="a@example.com", subject="One", text="x",
-                             recipients=_recipients("t", 3), campaign_id="tmpl", resume=True)
+        client.send_campaign(
+            from_="a@example.com",
+            subject="One",
+            text="x",
+            recipients=_recipients("t", 3),
+            campaign_id="tmpl",
+            resume=True,
+        )
     client.store.redis.hset(client.store.keys.campaign("tmpl"), "enqueued_all", 0)
     with pytest.raises(CampaignError, match="another template"):
-        client.send_campaign(from_="a@example.com", subject="Two", text="x",
-                             recipients=_recipients("t", 3), campaign_id="tmpl", resume=True)
+        client.send_campaign(
+            from_="a@example.com",
+            subject="Two",
+            text="x",
+            recipients=_recipients("t", 3),
+            campaign_id="tmpl",
+            resume=True,
+        )

@@ -92,6 +92,10 @@ def test_batch_results_are_json_records_in_the_result_backend(make_pipeline):
     client.store.create_campaign("flower", template=None)
     result = client.app.send_task(BATCH_TASK, args=("flower", []), queue="ses.tls")
     assert AsyncResult(result.id, app=client.app).get(timeout=60) == {
-        "campaign_id": "flower", "sent": 0, "recorded": 0, "follow_ups": 0, "stopped": None,
-            "unrecorded": 0,
+        "campaign_id": "flower",
+        "sent": 0,
+        "recorded": 0,
+        "follow_ups": 0,
+        "stopped": None,
+        "unrecorded": 0,
     }

@@ -166,8 +166,18 @@ def test_send_direct_prints_the_ses_message_id(make_pipeline, tmp_path: Path):
     pipeline = make_pipeline("tls")
     (tmp_path / "t.txt").write_text("hello")
     result = run(
-        ["send", "--direct", "--from", "a@example.com", "--to", "b@example.com",
-         "--subject", "Hi", "--text", str(tmp_path / "t.txt")],
+        [
+            "send",
+            "--direct",
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+            "--subject",
+            "Hi",
+            "--text",
+            str(tmp_path / "t.txt"),
+        ],
         env=pipeline.env,
     )
     assert result.returncode == 0, result.stderr
@@ -179,8 +189,18 @@ def test_send_direct_with_wrong_password_is_one_clear_line(make_pipeline, tmp_pa
     pipeline = make_pipeline("tls", SES_TASKS_PASSWORD="wrong")
     (tmp_path / "t.txt").write_text("hello")
     result = run(
-        ["send", "--direct", "--from", "a@example.com", "--to", "b@example.com",
-         "--subject", "Hi", "--text", str(tmp_path / "t.txt")],
+        [
+            "send",
+            "--direct",
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+            "--subject",
+            "Hi",
+            "--text",
+            str(tmp_path / "t.txt"),
+        ],
         env=pipeline.env,
     )
     assert result.returncode == 2
@@ -191,8 +211,17 @@ def test_send_direct_with_wrong_password_is_one_clear_line(make_pipeline, tmp_pa
 def test_send_rejects_header_injection_before_enqueueing(key_prefix, tmp_path: Path):
     (tmp_path / "t.txt").write_text("hello")
     result = run(
-        ["send", "--from", "a@example.com", "--to", "b@example.com",
-         "--subject", "Hi\r\nBcc: victim@example.com", "--text", str(tmp_path / "t.txt")],
+        [
+            "send",
+            "--from",
+            "a@example.com",
+            "--to",
+            "b@example.com",
+            "--subject",
+            "Hi\r\nBcc: victim@example.com",
+            "--text",
+            str(tmp_path / "t.txt"),
+        ],
         env={"SES_TASKS_KEY_PREFIX": key_prefix},
     )
     assert result.returncode == 2
@@ -203,8 +232,13 @@ def test_send_rejects_header_injection_before_enqueueing(key_prefix, tmp_path: P
 def test_limits_shows_rate_quota_and_paused_campaigns(make_pipeline):
     pipeline = make_pipeline("tls", SES_TASKS_MAX_24H_SEND="1000", SES_TASKS_MAX_SEND_RATE="50")
     client = pipeline.client
-    client.send_campaign(from_="a@example.com", subject="s", text="t",
-                         recipients=["x@example.com"], campaign_id="held")
+    client.send_campaign(
+        from_="a@example.com",
+        subject="s",
+        text="t",
+        recipients=["x@example.com"],
+        campaign_id="held",
+    )
     client.pause("held")
     result = run(["limits", "--json"], env=pipeline.env)
     assert result.returncode == 0, result.stderr
@@ -221,9 +255,22 @@ def test_campaign_send_wait_stops_when_the_endpoint_pauses_the_campaign(make_pip
     recipients = write_csv(tmp_path / "r.csv", [{"email": f"w{i}@example.com"} for i in range(30)])
     (tmp_path / "body.txt").write_text("x")
     result = run(
-        ["campaign", "send", "--from", "a@example.com", "--subject", "s", "--text",
-         str(tmp_path / "body.txt"), "--recipients", str(recipients), "--id", "paused-wait",
-         "--wait", "--json"],
+        [
+            "campaign",
+            "send",
+            "--from",
+            "a@example.com",
+            "--subject",
+            "s",
+            "--text",
+            str(tmp_path / "body.txt"),
+            "--recipients",
+            str(recipients),
+            "--id",
+            "paused-wait",
+            "--wait",
+            "--json",
+        ],
         env=pipeline.env,
         timeout=120,
     )

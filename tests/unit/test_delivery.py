@@ -101,7 +101,9 @@ class FakePool:
 class FakeLimiter:
     throttles: int = 0
 
-    async def acquire(self, n: int, *, priority: Priority = Priority.BULK) -> float:
+    async def acquire(
+        self, n: int, *, priority: Priority = Priority.BULK, campaign: str = ""
+    ) -> float:
         return 0.0
 
     async def on_throttle(self) -> float:

@@ -22,6 +22,22 @@ local mode = ARGV[9]
 local f, changed, old_f = refresh_factor(key, now, tonumber(ARGV[10]), tonumber(ARGV[11]))
 
 local cost = n * 1000000 / (rate * f)
+local campaign = ARGV[13] or ''
+if campaign ~= '' and not transactional and mode == 'fresh' then
+  local sh = redis.call('HMGET', key, 's:' .. campaign, 'sat')
+  local share = tonumber(sh[1])
+  if share and share < 1 and tonumber(sh[2] or '0') >= now - SHARES_FRESH_US then
+    local cfield = 'c:' .. campaign
+    local cbase = math.max(tonumber(redis.call('HGET', key, cfield)) or now, now)
+    local cstored = math.ceil(cbase + cost / share)
+    redis.call('HSET', key, cfield, fmt_int(cstored))
+    local cwait = cstored - now - tol_bulk
+    if cwait > 0 then
+      return {'later', fmt_int(math.ceil(cwait)), 'none', fmt_int(cstored), fmt_int(cbase),
+        changed, fmt(old_f), fmt(f)}
+    end
+  end
+end
 local st = redis.call('HMGET', key, 'tat', 'qtat')
 local tat = tonumber(st[1]) or now
 local base = math.max(tat, now)

@@ -29,3 +29,6 @@ local function refresh_factor(key, now, step, interval_us)
     'reason', 'recover', 'prev', fmt(old), 'at', fmt_int(now))
   return f, '1', old
 end
+
+-- Shares older than this are ignored: their dispatcher died, so no campaign is held back.
+local SHARES_FRESH_US = 10000000

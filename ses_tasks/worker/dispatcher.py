@@ -1,0 +1,177 @@
+"""The fleet's dispatcher: stored batches go to the broker a few at a time, fairly.
+
+Producers store a campaign's batches in Redis (the ledger plus a backlog); the broker holds
+only what the fleet can run now, so its memory is bounded whatever the campaign size, a
+pause or cancel takes effect within a batch, and a campaign started behind a million-row
+newsletter is next in line, not 20 hours away.
+
+Each round counts every campaign's batches in flight, sizes the window from the workers'
+heartbeats (``batches_per_process`` each, or ``DISPATCH_WINDOW``), and gives each free slot
+to the campaign furthest below its weighted share (max-min fairness, ``allocate``). It also
+hands each running campaign's share of the rate to the limiter, so a campaign's single
+batch gets its share of the sends while another campaign's batches fill the fleet.
+
+One worker process dispatches at a time (``leadership``); every process runs the loop and
+heartbeats, so the fleet needs no extra service. A round is woken by a push on the kick
+list (a batch settled, a producer stored batches) or by a short poll. Crash safety comes
+from the ledger: a taken batch is due for the sweeper ``DISPATCH_TIMEOUT_S`` after it was
+taken unless a worker claims it, so a dispatcher killed between take and publish loses
+nothing, and a copy published twice is harmless (claims are idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ses_tasks.keys import TRANSACTIONAL
+from ses_tasks.states import CampaignState
+from ses_tasks.store.tracking import DispatchReply
+from ses_tasks.worker import leadership
+from ses_tasks.worker.delivery import STORE_ERRORS, BatchJob
+
+if TYPE_CHECKING:
+    from ses_tasks.worker.runtime import WorkerRuntime
+
+__all__ = ["Dispatcher", "allocate", "rate_shares"]
+
+log = logging.getLogger(__name__)
+
+#: A round runs at least this often, kicked or not (a lost kick costs at most this).
+POLL_S = 0.5
+#: Workers heartbeat this often; one silent for three beats no longer counts.
+HEARTBEAT_S = 2.0
+LOCK_TTL_MS = 3000
+#: Campaigns that take batches (a cancelled one takes them to record them cancelled).
+TAKING = frozenset({CampaignState.ENQUEUEING, CampaignState.RUNNING, CampaignState.CANCELLED})
+#: Campaigns whose batches send mail, and so share the rate.
+SENDING = frozenset({CampaignState.ENQUEUEING, CampaignState.RUNNING})
+
+
+def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
+    """Free slots of the window per campaign: weighted max-min fairness.
+
+    Each slot goes to the campaign with the fewest batches in flight per unit of weight
+    (ties: the order given, oldest first), so a new campaign gets the next free slots and
+    weights 3:1 hold about 3:1 of the window while both have work.
+    """
+    free = window - sum(c.in_flight for c in campaigns)
+    out = {c.campaign_id: 0 for c in campaigns}
+    heap = [
+        ((c.in_flight + 1) / c.weight, order, c)
+        for order, c in enumerate(campaigns)
+        if c.backlog > 0 and c.state in TAKING
+    ]
+    heapq.heapify(heap)
+    while free > 0 and heap:
+        _, order, c = heapq.heappop(heap)
+        out[c.campaign_id] += 1
+        free -= 1
+        if out[c.campaign_id] < c.backlog:
+            heapq.heappush(heap, ((c.in_flight + out[c.campaign_id] + 1) / c.weight, order, c))
+    return out
+
+
+def rate_shares(campaigns: Sequence[DispatchReply]) -> dict[str, float]:
+    """Each sending campaign's share of the rate, by weight; empty when only one sends."""
+    sending = [c for c in campaigns if c.state in SENDING and (c.in_flight or c.backlog)]
+    if len(sending) < 2:
+        return {}
+    total = sum(c.weight for c in sending)
+    return {c.campaign_id: c.weight / total for c in sending}
+
+
+class Dispatcher:
+    def __init__(self, rt: WorkerRuntime, publish: Callable[[BatchJob], None]) -> None:
+        self.rt = rt
+        self.publish = publish
+        self.settings = rt.settings
+        self.dispatched = 0
+        self.shares: dict[str, float] = {}
+        self._next_beat = 0.0
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self._heartbeat()
+                if await leadership.hold(
+                    self.rt.redis, self.rt.store.keys.dispatcher_lock(), self.rt.token, LOCK_TTL_MS
+                ):
+                    await self.round()
+                    await self.rt.redis.blpop([self.rt.store.keys.dispatch_kick()], timeout=POLL_S)
+                else:
+                    await asyncio.sleep(HEARTBEAT_S / 2)
+            except STORE_ERRORS as exc:
+                log.warning("dispatcher: Redis error (%s); next round in %.0f s", exc, POLL_S)
+                await asyncio.sleep(POLL_S)
+            except Exception:  # the fleet's only dispatcher must outlive any bug in a round
+                log.exception("dispatch round failed")
+                await asyncio.sleep(POLL_S)
+
+    async def _heartbeat(self) -> None:
+        now = time.time()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + HEARTBEAT_S
+        member = f"{self.rt.token}|{self.settings.batches_per_process}"
+        await self.rt.redis.zadd(
+            self.rt.store.keys.workers(), {member: int((now + 3 * HEARTBEAT_S) * 1000)}
+        )
+
+    async def window(self) -> int:
+        """Batches the broker may hold for the fleet: what live workers run at once."""
+        if self.settings.dispatch_window:
+            return self.settings.dispatch_window
+        key = self.rt.store.keys.workers()
+        await self.rt.redis.zremrangebyscore(key, "-inf", int(time.time() * 1000))
+        members = await self.rt.redis.zrange(key, 0, -1)
+        total = 0
+        for m in members:
+            text = m.decode() if isinstance(m, bytes) else str(m)
+            total += int(text.rpartition("|")[2] or 1)
+        return max(1, total)
+
+    async def round(self) -> int:
+        """Count, allocate, take and publish; returns batches handed to the broker."""
+        store = self.rt.store
+        timeout_s = self.settings.dispatch_timeout_s
+        ids = [c for c in await store.active_campaigns() if c != TRANSACTIONAL]
+        campaigns = [await store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids]
+        await self._share_rate(campaigns)
+        grants = allocate(campaigns, await self.window())
+        handed = 0
+        for campaign_id, n in grants.items():
+            if n <= 0:
+                continue
+            reply = await store.dispatch(campaign_id, n, unclaimed_after_s=timeout_s)
+            handed += await self._publish(campaign_id, reply)
+        self.dispatched += handed
+        return handed
+
+    async def _share_rate(self, campaigns: Sequence[DispatchReply]) -> None:
+        shares = rate_shares(campaigns)
+        if shares or self.shares:  # refreshed each round: the limiter ignores stale shares
+            await self.rt.limiter.set_shares(shares)
+            self.shares = shares
+
+    async def _publish(self, campaign_id: str, reply: DispatchReply) -> int:
+        jobs = [BatchJob.from_payload(campaign_id, e.batch_id, e.payload) for e in reply.taken]
+        failed = await asyncio.to_thread(self._publish_all, jobs)
+        if failed:  # due now: the sweeper republishes them at its next pass
+            log.warning("dispatcher: %d batches of %s not published", len(failed), campaign_id)
+            await self.rt.store.mark_due_now(campaign_id, failed)
+        return len(jobs) - len(failed)
+
+    def _publish_all(self, jobs: list[BatchJob]) -> list[str]:
+        failed = []
+        for job in jobs:
+            try:
+                self.publish(job)
+            except Exception as exc:
+                log.warning("dispatcher: batch %s not published (%s)", job.batch_id, exc)
+                failed.append(job.batch_id)
+        return failed

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from redis.exceptions import RedisError
 
 from ses_tasks.config import Settings
 from ses_tasks.errors import CampaignError, SesTasksError, ValidationError
@@ -101,9 +102,20 @@ class CampaignProducer:
             )
             published = counted = 0
         self._last_kick = 0.0
-        self._enqueue(
-            campaign_id, rows, published_upto=published, counted_upto=counted, progress=progress
-        )
+        try:
+            self._enqueue(
+                campaign_id,
+                rows,
+                published_upto=published,
+                counted_upto=counted,
+                progress=progress,
+            )
+        except RedisError as exc:
+            raise SesTasksError(
+                f"campaign {campaign_id}: the status store failed while storing recipients "
+                f"({type(exc).__name__}: {exc}); nothing is lost: run `ses-tasks campaign send "
+                f"--resume --id {campaign_id} ...` with the same options to continue"
+            ) from exc
         status = self.store.finish_enqueue(campaign_id)
         self._kick(force=True)
         return status

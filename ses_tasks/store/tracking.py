@@ -664,6 +664,14 @@ class StatusStore(_Base):
         """Batches not yet settled (published, running, or waiting to be swept)."""
         return int(self.redis.hlen(self.keys.batches(campaign_id)))
 
+    def in_flight(self, campaign_id: str) -> int:
+        """Batches handed to the broker (or its follow-ups) and not settled yet."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hlen(self.keys.batches(campaign_id))
+        pipe.zcard(self.keys.backlog(campaign_id))
+        stored, backlog = pipe.execute()
+        return int(stored) - int(backlog)
+
     # Messages --------------------------------------------------------------------------
 
     def message_id_for_ses_id(self, ses_message_id: str) -> str | None:

@@ -34,11 +34,13 @@ def test_pause_parks_messages_and_resume_completes(make_pipeline):
 
     def settled():
         s = client.campaign_status("pausing")
-        return s if s.counts["sending"] == 0 and s.counts["queued"] == 0 else None
+        return s if s.counts["sending"] == 0 and client.store.in_flight("pausing") == 0 else None
 
     paused = wait_for(settled, timeout_s=60, what="workers to park the campaign")
     assert paused.state.value == "paused"
-    assert paused.counts["deferred"] > 0
+    # Batches on the wire were parked (deferred); the rest were never handed out: still
+    # stored, so pause took effect within a batch.
+    assert paused.counts["queued"] > 0
     assert paused.counts["sent"] < 900
     assert _adds_up(paused)
     sent_while_paused = paused.counts["sent"]
@@ -93,9 +95,12 @@ def test_bad_credentials_pause_the_campaign_and_leave_messages_deferred(make_pip
 
     def settled():
         s = client.campaign_status("fatal")
-        return s if s.state.value == "paused" and s.counts["deferred"] == 120 else None
+        c = s.counts
+        parked_or_stored = c["deferred"] > 0 and c["deferred"] + c["queued"] == 120
+        return s if s.state.value == "paused" and parked_or_stored else None
 
-    status = wait_for(settled, timeout_s=60, what="the campaign paused with all deferred")
+    # Batches handed out are parked (deferred); those never handed out stay stored.
+    status = wait_for(settled, timeout_s=60, what="the campaign paused, nothing sent")
     assert "535" in status.reason and "Authentication" in status.reason
     assert status.counts["failed"] == 0 and _adds_up(status)
     auth_attempts = wait_for(
@@ -165,27 +170,36 @@ def test_interrupted_enqueue_resumes_without_loss_or_duplicates(make_pipeline):
     assert len(delivered) == 529 and max(delivered.values()) == 1
 
 
-def test_broker_refusal_mid_enqueue_is_resumable(make_pipeline, monkeypatch):
+def test_store_failure_mid_enqueue_is_resumable(make_pipeline, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     from ses_tasks.errors import SesTasksError
 
     pipeline = make_pipeline("starttls")
     pipeline.start_worker(concurrency=2)
     client = pipeline.client
-    real_send_task = client.app.send_task
+    store = client.store
+    real_pipeline = store.redis.pipeline
     calls = {"n": 0}
 
-    def flaky_send_task(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise ConnectionError("broker went away")
-        return real_send_task(*args, **kwargs)
+    def flaky_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        if kwargs.get("transaction", True):
+            calls["n"] += 1
+            if calls["n"] == 4:  # the third batch's MULTI (the first is the campaign's)
 
-    monkeypatch.setattr(client.app, "send_task", flaky_send_task)
+                def refuse(*_a, **_k):
+                    raise RedisConnectionError("Redis went away")
+
+                pipe.execute = refuse
+        return pipe
+
+    monkeypatch.setattr(store.redis, "pipeline", flaky_pipeline)
     recipients = _recipients("br", 300)
     options = dict(from_="news@example.com", subject="Hi", text="x")
     with pytest.raises(SesTasksError, match="--resume --id refused"):
         client.send_campaign(recipients=recipients, campaign_id="refused", **options)
-    monkeypatch.setattr(client.app, "send_task", real_send_task)
+    monkeypatch.setattr(store.redis, "pipeline", real_pipeline)
     client.send_campaign(recipients=recipients, campaign_id="refused", resume=True, **options)
     done = pipeline.wait_done("refused")
     assert done.total == 300 and done.counts["sent"] == 300 and _adds_up(done)

@@ -147,12 +147,14 @@ class SesTasks:
         campaign_id: str | None = None,
         progress: ProgressCallback | None = None,
         resume: bool = False,
+        weight: float = 1.0,
         **options: Any,
     ) -> CampaignStatus:
-        """Validate the template, then stream ``recipients`` into batches on the broker.
+        """Validate the template, then store ``recipients`` in batches for the dispatcher.
 
         ``resume=True`` continues an interrupted enqueue of ``campaign_id`` (same template
-        and recipients), without sending anything twice.
+        and recipients), without sending anything twice. ``weight`` sets the campaign's
+        share of the rate against other running campaigns (default 1: equal shares).
         """
         options.setdefault("configuration_set", self.settings.configuration_set)
         template = CampaignTemplate(
@@ -164,8 +166,17 @@ class SesTasks:
             **options,
         )
         return self._producer.send(
-            template, recipients, campaign_id=campaign_id, progress=progress, resume=resume
+            template,
+            recipients,
+            campaign_id=campaign_id,
+            progress=progress,
+            resume=resume,
+            weight=weight,
         )
+
+    def set_weight(self, campaign_id: str, weight: float) -> None:
+        """Change a campaign's share of the rate while it runs."""
+        self._control.set_weight(campaign_id, weight)
 
     def campaign_status(self, campaign_id: str) -> CampaignStatus:
         return self.store.campaign_status(campaign_id)

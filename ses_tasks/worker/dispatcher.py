@@ -77,8 +77,12 @@ def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
 
 
 def rate_shares(campaigns: Sequence[DispatchReply]) -> dict[str, float]:
-    """Each sending campaign's share of the rate, by weight; empty when only one sends."""
-    sending = [c for c in campaigns if c.state in SENDING and (c.in_flight or c.backlog)]
+    """Each sending campaign's share of the rate, by weight; empty when only one sends.
+
+    Only campaigns with batches in flight count: one still waiting for its first slot
+    holds nobody back.
+    """
+    sending = [c for c in campaigns if c.state in SENDING and c.in_flight]
     if len(sending) < 2:
         return {}
     total = sum(c.weight for c in sending)
@@ -141,14 +145,18 @@ class Dispatcher:
         timeout_s = self.settings.dispatch_timeout_s
         ids = [c for c in await store.active_campaigns() if c != TRANSACTIONAL]
         campaigns = [await store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids]
-        await self._share_rate(campaigns)
         grants = allocate(campaigns, await self.window())
         handed = 0
-        for campaign_id, n in grants.items():
-            if n <= 0:
-                continue
-            reply = await store.dispatch(campaign_id, n, unclaimed_after_s=timeout_s)
-            handed += await self._publish(campaign_id, reply)
+        after = []
+        for c in campaigns:
+            if grants[c.campaign_id] > 0:
+                reply = await store.dispatch(
+                    c.campaign_id, grants[c.campaign_id], unclaimed_after_s=timeout_s
+                )
+                handed += await self._publish(c.campaign_id, reply)
+                c = reply
+            after.append(c)
+        await self._share_rate(after)
         self.dispatched += handed
         return handed
 

@@ -52,6 +52,10 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+#: See ``Settings.dispatch_timeout_s``.
+DEFAULT_DISPATCH_TIMEOUT_S = 120.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -119,8 +123,9 @@ class Settings(BaseSettings):
     #: workers run at once (their heartbeats say). Bounds broker memory and fairness lag.
     dispatch_window: int | None = Field(default=None, ge=1, le=100_000)
     #: A batch handed to the broker that no worker claimed within this long is handed
-    #: over again by the sweeper (its publish was lost, or its dispatcher died).
-    dispatch_timeout_s: float = Field(default=120.0, gt=0)
+    #: over again by the sweeper (its publish was lost, its dispatcher died, or its task
+    #: was acknowledged unrun). Default: 120 s, or REDELIVER_AFTER_S if shorter.
+    dispatch_timeout_s: float | None = Field(default=None, gt=0)
     #: Batches one worker process runs at once: the next batch's claim and render overlap
     #: the tail of the last one, so the process's connections stay busy.
     batches_per_process: int = Field(default=2, ge=1, le=64)
@@ -207,6 +212,10 @@ class Settings(BaseSettings):
     @property
     def redeliver_after(self) -> float:
         return float(self.redeliver_after_s or self.visibility_timeout_s)
+
+    @property
+    def dispatch_timeout(self) -> float:
+        return self.dispatch_timeout_s or min(DEFAULT_DISPATCH_TIMEOUT_S, self.redeliver_after)
 
     @property
     def burst(self) -> float:

@@ -176,6 +176,13 @@ def campaign() -> None:
 @click.option("--unsubscribe-mailto")
 @click.option("--tag", "tags", multiple=True, help="SES message tag name=value.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted enqueue of --id.")
+@click.option(
+    "--weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Share of the rate against other running campaigns (2 = twice a campaign of 1).",
+)
 @click.option("--wait", is_flag=True, help="Show progress until every message is final.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
@@ -191,6 +198,7 @@ def campaign_send(
     unsubscribe_mailto: str | None,
     tags: tuple[str, ...],
     resume: bool,
+    weight: float,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -218,6 +226,7 @@ def campaign_send(
             campaign_id=campaign_id,
             progress=advance,
             resume=resume,
+            weight=weight,
             **options,
         )
     if wait:
@@ -251,14 +260,32 @@ def _counts_line(data: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def campaign_status(campaign_id: str, as_json: bool) -> None:
-    """Counters by state; they always add up to the total."""
-    status = _client().campaign_status(campaign_id)
+    """Counters by state (they always add up to the total), share of the rate and ETA."""
+    from ses_tasks.ops.direct import effective_rate
+    from ses_tasks.ops.schedule import fleet_schedule
+
+    client = _client()
+    status = client.campaign_status(campaign_id)
+    planned = next(
+        (
+            p
+            for p in fleet_schedule(client.store, effective_rate(client.settings))
+            if p.status.id == campaign_id
+        ),
+        None,
+    )
     if as_json:
-        _print_json(status.to_dict())
+        extra = planned.to_dict() if planned else {}
+        _print_json(
+            {
+                **status.to_dict(),
+                **{k: extra.get(k) for k in ("weight", "share", "rate_per_s", "eta_s")},
+            }
+        )
         return
     from ses_tasks.ops.progress import status_table
 
-    status_table(status)
+    status_table(status, planned)
 
 
 @campaign.command("failures")
@@ -318,17 +345,41 @@ def campaign_retry_failed(campaign_id: str, include_unknown: bool) -> None:
     click.echo(f"{campaign_id}: {count} messages re-enqueued")
 
 
+@campaign.command("weight")
+@click.argument("campaign_id")
+@click.argument("weight", type=float)
+@user_errors
+def campaign_weight(campaign_id: str, weight: float) -> None:
+    """Change a campaign's share of the rate while it runs."""
+    _client().set_weight(campaign_id, weight)
+    click.echo(f"{campaign_id}: weight {weight:g}")
+
+
 @campaign.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Recent campaigns, finished ones too.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def campaign_list(as_json: bool) -> None:
+def campaign_list(show_all: bool, as_json: bool) -> None:
+    """Active campaigns: weight, share of the rate, sent/total and ETA."""
     client = _client()
-    rows = [client.campaign_status(cid).to_dict() for cid in client.store.list_campaigns()]
+    if show_all:
+        rows = [client.campaign_status(cid).to_dict() for cid in client.store.list_campaigns()]
+        if as_json:
+            _print_json(rows)
+        else:
+            for row in rows:
+                click.echo(_counts_line(row))
+        return
+    from ses_tasks.ops.direct import effective_rate
+    from ses_tasks.ops.progress import schedule_table
+    from ses_tasks.ops.schedule import fleet_schedule
+
+    rate = effective_rate(client.settings)
+    planned = fleet_schedule(client.store, rate)
     if as_json:
-        _print_json(rows)
+        _print_json([p.to_dict() for p in planned])
     else:
-        for row in rows:
-            click.echo(_counts_line(row))
+        schedule_table(planned, rate)
 
 
 # worker ----------------------------------------------------------------------------------

@@ -63,7 +63,13 @@ def probe(settings: Settings) -> dict[str, Any]:
     return {"endpoint": settings.endpoint.key, **data}
 
 
-def limits_status(settings: Settings) -> dict[str, Any]:
+def effective_rate(settings: Settings) -> float:
+    """The fleet's send rate now (the configured rate, lowered after throttles)."""
+    rate = limits_status(settings, with_campaigns=False)["rate"]
+    return float(rate["effective_rate_per_s"])
+
+
+def limits_status(settings: Settings, *, with_campaigns: bool = True) -> dict[str, Any]:
     from ses_tasks.limits.quota import DailyQuota
     from ses_tasks.limits.ratelimit import FleetRateLimiter
 
@@ -93,6 +99,8 @@ def limits_status(settings: Settings) -> dict[str, Any]:
             await client.aclose()
 
     data = asyncio.run(run())
+    if not with_campaigns:
+        return data
     from ses_tasks.produce.client import SesTasks
 
     client = SesTasks(settings)

@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ses_tasks.ops.schedule import ScheduledCampaign, format_eta
 from ses_tasks.store.tracking import COUNTERS, CampaignStatus
 
-__all__ = ["enqueue_progress", "status_table", "wait_progress"]
+__all__ = ["enqueue_progress", "schedule_table", "status_table", "wait_progress"]
 
 console = Console(stderr=True)
 POLL_S = 0.2
@@ -85,12 +86,36 @@ def wait_progress(
             status = client.campaign_status(campaign_id)
 
 
-def status_table(status: CampaignStatus) -> None:
+def status_table(status: CampaignStatus, planned: ScheduledCampaign | None = None) -> None:
     table = Table(title=f"campaign {status.id}: {status.state.value}", show_header=False)
     table.add_row("total", str(status.total))
     for name in COUNTERS:
         table.add_row(name, str(status.counts.get(name, 0)))
     table.add_row("swept", f"{status.swept} batches republished by the sweeper")
+    if planned is not None:
+        table.add_row(
+            "share",
+            f"{planned.share:.0%} of the rate (weight {planned.weight:g}), "
+            f"{planned.rate_per_s:.1f}/s",
+        )
+        table.add_row("eta", format_eta(planned.eta_s))
     if status.reason:
         table.add_row("reason", status.reason)
+    Console().print(table)
+
+
+def schedule_table(planned: list[ScheduledCampaign], rate_per_s: float) -> None:
+    table = Table(title=f"active campaigns: fleet rate {rate_per_s:g}/s")
+    for name in ("campaign", "state", "weight", "share", "sent / total", "eta"):
+        table.add_column(name, justify="left" if name in ("campaign", "state") else "right")
+    for p in planned:
+        s = p.status
+        table.add_row(
+            s.id,
+            s.state.value,
+            f"{p.weight:g}",
+            f"{p.share:.0%}",
+            f"{s.counts.get('sent', 0)} / {s.total}",
+            format_eta(p.eta_s),
+        )
     Console().print(table)

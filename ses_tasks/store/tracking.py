@@ -269,7 +269,7 @@ def parse_message(message_id: str, raw: dict[Any, Any]) -> MessageRecord | None:
     )
 
 
-_META_FIELDS = ("from", "subject", "mode", "pause_kind", "deferred_reason")
+_META_FIELDS = ("from", "subject", "mode", "pause_kind", "deferred_reason", "weight")
 
 
 def parse_campaign(campaign_id: str, raw: dict[Any, Any]) -> CampaignStatus | None:
@@ -569,6 +569,10 @@ class StatusStore(_Base):
     def template(self, campaign_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(self.keys.template(campaign_id))
         return json.loads(raw) if raw else None
+
+    def active_campaign_ids(self) -> list[str]:
+        """Campaigns that may still have work (the sweeper's and dispatcher's list)."""
+        return [_text(c) for c in self.redis.zrange(self.keys.active(), 0, -1)]
 
     def list_campaigns(self, limit: int = 50) -> list[str]:
         ids = self.redis.zrevrange(self.keys.campaigns_index(), 0, limit - 1)

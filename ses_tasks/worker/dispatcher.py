@@ -142,7 +142,7 @@ class Dispatcher:
     async def round(self) -> int:
         """Count, allocate, take and publish; returns batches handed to the broker."""
         store = self.rt.store
-        timeout_s = self.settings.dispatch_timeout_s
+        timeout_s = self.settings.dispatch_timeout
         ids = [c for c in await store.active_campaigns() if c != TRANSACTIONAL]
         campaigns = [await store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids]
         grants = allocate(campaigns, await self.window())

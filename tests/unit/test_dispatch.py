@@ -127,7 +127,7 @@ def test_a_paused_campaign_takes_nothing_and_a_missing_one_is_dropped():
 
 
 def test_storing_a_batch_twice_keeps_one_backlog_entry():
-    sync, store = stores()
+    sync, _ = stores()
     stored_campaign(sync, "c1", 2)
     stored_campaign_again = sync.redis.pipeline(transaction=True)
     sync.store_batch("c1", LedgerEntry("b0", {"items": []}), 0, stored_campaign_again)

@@ -137,6 +137,55 @@ def tree_cpu_s(pids: Sequence[int]) -> float:
     return total
 
 
+class RedisCpu:
+    """CPU seconds of the Redis server the benchmark talks to.
+
+    The pid comes from ``INFO server`` (``process_id``). Two readings of the same counter:
+    ``INFO cpu`` (``used_cpu_user + used_cpu_sys``: getrusage(RUSAGE_SELF) of the server, to
+    the microsecond) and utime + stime from ``/proc/<pid>/stat`` (clock ticks, 10 ms: too
+    coarse for a run of a few seconds, kept as a cross-check). ``/proc`` is read only if that
+    pid is a ``redis-server`` process here (Redis elsewhere, or in another pid namespace,
+    gives None). Redis serves every client, so a reading includes any other client's load
+    in the interval; ``idle_cpu_ms_per_s`` helps to notice it.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.pid: int | None = None
+        with suppress(redis.RedisError, KeyError, ValueError, TypeError):
+            self.pid = int(client.info("server")["process_id"])
+        self.proc_ok = self.pid is not None and self._proc_stat() is not None
+
+    def _proc_stat(self) -> float | None:
+        try:
+            raw = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return None
+        name = raw[raw.find("(") + 1 : raw.rfind(")")]
+        if not name.startswith("redis"):
+            return None
+        fields = raw.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def sample(self) -> tuple[float | None, float | None]:
+        """(INFO cpu seconds, /proc utime + stime seconds); None where unavailable."""
+        info: float | None = None
+        with suppress(redis.RedisError, KeyError, ValueError, TypeError):
+            cpu = self.client.info("cpu")
+            info = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        proc = self._proc_stat() if self.proc_ok else None
+        return info, proc
+
+
+def cpu_delta(
+    before: tuple[float | None, float | None], after: tuple[float | None, float | None]
+) -> tuple[float | None, float | None]:
+    def sub(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    return sub(after[0], before[0]), sub(after[1], before[1])
+
+
 # --------------------------------------------------------------------------- sandbox
 
 

@@ -8,12 +8,13 @@ also be read from a file (``SES_TASKS_PASSWORD_FILE`` and so on), the Docker/Kub
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -21,7 +22,7 @@ from ses_tasks.errors import ConfigurationError
 from ses_tasks.smtp.credentials import smtp_password
 from ses_tasks.smtp.endpoint import DEFAULT_PORT, Endpoint, PortMode, resolve_endpoint
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings", "redact_url"]
+__all__ = ["ENV_PREFIX", "Profile", "Settings", "load_settings", "redact_url"]
 
 ENV_PREFIX = "SES_TASKS_"
 #: Settings that may instead name a file holding the value (``<NAME>_FILE``).
@@ -54,11 +55,58 @@ def redact_url(url: str) -> str:
 
 #: See ``Settings.dispatch_timeout_s``.
 DEFAULT_DISPATCH_TIMEOUT_S = 120.0
+PROFILE_NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+#: Settings a sender profile overrides; everything else is the fleet's.
+PROFILE_FIELDS = (
+    "region",
+    "host",
+    "port",
+    "mode",
+    "tls_server_name",
+    "username",
+    "password",
+    "secret_access_key",
+    "max_send_rate",
+    "rate_burst",
+    "max_24h_send",
+    "configuration_set",
+    "pool_size",
+)
+
+
+class Profile(BaseModel):
+    """A named sender: its own SES account or region, pool, rate limit, quota and AIMD.
+
+    From the environment: ``SES_TASKS_PROFILES__<NAME>__<FIELD>`` (for example
+    ``SES_TASKS_PROFILES__EU__REGION=eu-west-1``), or ``SES_TASKS_PROFILES`` as JSON.
+    Unset fields take the fleet's value. ``failover_region`` (or ``failover_host``) names
+    a second endpoint used while the first fails to connect, never for refusals.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    region: str | None = None
+    host: str | None = None
+    port: int | None = None
+    mode: PortMode | None = None
+    tls_server_name: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    max_send_rate: float | None = Field(default=None, gt=0)
+    rate_burst: float | None = Field(default=None, gt=0)
+    max_24h_send: int | None = Field(default=None, gt=0)
+    configuration_set: str | None = None
+    pool_size: int | None = Field(default=None, ge=1, le=1000)
+    failover_region: str | None = None
+    failover_host: str | None = None
+    failover_port: int | None = None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
         case_sensitive=False,
         extra="ignore",
         frozen=True,
@@ -133,6 +181,8 @@ class Settings(BaseSettings):
     task_timeout_s: float = Field(default=900.0, gt=0)
     #: Broker redelivery of unacknowledged tasks; must outlast every retry delay.
     visibility_timeout_s: int = Field(default=7200, ge=1)
+    #: Named sender profiles (several SES accounts, regions or tenants in one fleet).
+    profiles: dict[str, Profile] = Field(default_factory=dict)
     # Status store
     retention_s: int = Field(default=30 * 86400, ge=60)
     log_json: bool = False
@@ -169,6 +219,16 @@ class Settings(BaseSettings):
             return None
         if not value or len(value) > 64 or not all(c.isalnum() or c in "_-" for c in value):
             raise ValueError("a configuration set name is 1-64 ASCII letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("profiles")
+    @classmethod
+    def _check_profiles(cls, value: dict[str, Profile]) -> dict[str, Profile]:
+        for name in value:
+            if not PROFILE_NAME_RE.match(name):
+                raise ValueError(
+                    f"profile name {name!r}: use 1-32 lowercase letters, digits, '_' or '-'"
+                )
         return value
 
     @model_validator(mode="after")
@@ -216,6 +276,37 @@ class Settings(BaseSettings):
     @property
     def dispatch_timeout(self) -> float:
         return self.dispatch_timeout_s or min(DEFAULT_DISPATCH_TIMEOUT_S, self.redeliver_after)
+
+    def for_profile(self, name: str) -> Settings:
+        """These settings as the named profile sends ('' is the unnamed default)."""
+        if not name:
+            return self
+        profile = self.profiles.get(name)
+        if profile is None:
+            known = ", ".join(sorted(self.profiles)) or "none configured"
+            raise ConfigurationError("profile", f"no profile {name!r} (profiles: {known})")
+        update = {f: getattr(profile, f) for f in PROFILE_FIELDS}
+        update = {f: v for f, v in update.items() if v is not None}
+        if "password" in update or "secret_access_key" in update:  # its own credentials
+            update.setdefault("password", None)
+            update.setdefault("secret_access_key", None)
+        if "region" in update and "host" not in update:  # the region's SES endpoint
+            update["host"] = None
+        data = {**self.model_dump(exclude={"profiles"}), **update, "profiles": {}}
+        return Settings.model_construct(**data)
+
+    def failover_for(self, name: str) -> Settings | None:
+        """The named profile's second endpoint, if it has one."""
+        profile = self.profiles.get(name) if name else None
+        if profile is None or not (profile.failover_region or profile.failover_host):
+            return None
+        primary = self.for_profile(name)
+        data = primary.model_dump()
+        data["region"] = profile.failover_region or primary.region
+        data["host"] = profile.failover_host
+        if profile.failover_port:
+            data["port"] = profile.failover_port
+        return Settings.model_construct(**data)
 
     @property
     def burst(self) -> float:

@@ -101,6 +101,9 @@ def main(verbose: int) -> None:
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="HTML body file.")
 @click.option("--idempotency-key", help="Enqueue the same key twice, send once.")
 @click.option("--direct", is_flag=True, help="Send now through the pool, without the queue.")
+@click.option(
+    "--profile", default="", help="Sender profile (SES account/region); default: the unnamed one."
+)
 @click.option("--wait", is_flag=True, help="Wait for the final state.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
@@ -115,6 +118,7 @@ def send(
     html_file: str | None,
     idempotency_key: str | None,
     direct: bool,
+    profile: str,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -133,7 +137,7 @@ def send(
     if direct:
         from ses_tasks.ops.direct import send_direct
 
-        settings = _settings()
+        settings = _client().sender(profile)
         result = send_direct(settings, fields)
         if as_json:
             _print_json({"state": "sent", "ses_message_id": result.ses_message_id})
@@ -141,7 +145,7 @@ def send(
             click.echo(result.ses_message_id)
         return
     client = _client()
-    handle = client.send_email(**fields)
+    handle = client.send_email(profile=profile, **fields)
     if not wait:
         _print_json({"id": handle.message_id}) if as_json else click.echo(handle.message_id)
         return
@@ -183,6 +187,9 @@ def campaign() -> None:
     show_default=True,
     help="Share of the rate against other running campaigns (2 = twice a campaign of 1).",
 )
+@click.option(
+    "--profile", default="", help="Sender profile (SES account/region); default: the unnamed one."
+)
 @click.option("--wait", is_flag=True, help="Show progress until every message is final.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
@@ -199,6 +206,7 @@ def campaign_send(
     tags: tuple[str, ...],
     resume: bool,
     weight: float,
+    profile: str,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -227,6 +235,7 @@ def campaign_send(
             progress=advance,
             resume=resume,
             weight=weight,
+            profile=profile,
             **options,
         )
     if wait:
@@ -261,7 +270,7 @@ def _counts_line(data: dict[str, Any]) -> str:
 @user_errors
 def campaign_status(campaign_id: str, as_json: bool) -> None:
     """Counters by state (they always add up to the total), share of the rate and ETA."""
-    from ses_tasks.ops.direct import effective_rate
+    from ses_tasks.ops.direct import effective_rates
     from ses_tasks.ops.schedule import fleet_schedule
 
     client = _client()
@@ -269,7 +278,7 @@ def campaign_status(campaign_id: str, as_json: bool) -> None:
     planned = next(
         (
             p
-            for p in fleet_schedule(client.store, effective_rate(client.settings))
+            for p in fleet_schedule(client.store, effective_rates(client.settings))
             if p.status.id == campaign_id
         ),
         None,
@@ -370,16 +379,16 @@ def campaign_list(show_all: bool, as_json: bool) -> None:
             for row in rows:
                 click.echo(_counts_line(row))
         return
-    from ses_tasks.ops.direct import effective_rate
+    from ses_tasks.ops.direct import effective_rates
     from ses_tasks.ops.progress import schedule_table
     from ses_tasks.ops.schedule import fleet_schedule
 
-    rate = effective_rate(client.settings)
-    planned = fleet_schedule(client.store, rate)
+    rates = effective_rates(client.settings)
+    planned = fleet_schedule(client.store, rates)
     if as_json:
         _print_json([p.to_dict() for p in planned])
     else:
-        schedule_table(planned, rate)
+        schedule_table(planned, rates)
 
 
 # worker ----------------------------------------------------------------------------------

@@ -63,40 +63,51 @@ def probe(settings: Settings) -> dict[str, Any]:
     return {"endpoint": settings.endpoint.key, **data}
 
 
-def effective_rate(settings: Settings) -> float:
-    """The fleet's send rate now (the configured rate, lowered after throttles)."""
-    rate = limits_status(settings, with_campaigns=False)["rate"]
-    return float(rate["effective_rate_per_s"])
+def effective_rates(settings: Settings) -> dict[str, float]:
+    """Each sender profile's send rate now (configured, lowered after throttles)."""
+    data = limits_status(settings, with_campaigns=False)
+    return {name: float(p["rate"]["effective_rate_per_s"]) for name, p in data["profiles"].items()}
 
 
 def limits_status(settings: Settings, *, with_campaigns: bool = True) -> dict[str, Any]:
+    """Rate limiter and 24-hour quota of every sender profile ('' is the unnamed one)."""
     from ses_tasks.limits.quota import DailyQuota
     from ses_tasks.limits.ratelimit import FleetRateLimiter
+    from ses_tasks.worker.lanes import account_of
+
+    async def one(client: Any, name: str) -> dict[str, Any]:
+        s = settings.for_profile(name)
+        limiter = FleetRateLimiter(
+            client,
+            key_prefix=s.key_prefix,
+            account=account_of(name),
+            rate_per_s=s.max_send_rate,
+            burst=s.burst,
+            transactional_reserve=s.transactional_reserve,
+        )
+        quota = DailyQuota(
+            client,
+            key_prefix=s.key_prefix,
+            account=account_of(name),
+            limit=s.max_24h_send,
+            window_s=s.quota_window_s,
+        )
+        rate = await limiter.status()
+        used = await quota.status()
+        return {
+            "endpoint": s.endpoint.key,
+            "rate": asdict(rate) if is_dataclass(rate) else rate,
+            "quota": asdict(used) if is_dataclass(used) else used,
+        }
 
     async def run() -> dict[str, Any]:
         client = async_redis(settings.redis_url, settings=settings)
         try:
-            limiter = FleetRateLimiter(
-                client,
-                key_prefix=settings.key_prefix,
-                rate_per_s=settings.max_send_rate,
-                burst=settings.burst,
-                transactional_reserve=settings.transactional_reserve,
-            )
-            quota = DailyQuota(
-                client,
-                key_prefix=settings.key_prefix,
-                limit=settings.max_24h_send,
-                window_s=settings.quota_window_s,
-            )
-            rate = await limiter.status()
-            used = await quota.status()
-            return {
-                "rate": asdict(rate) if is_dataclass(rate) else rate,
-                "quota": asdict(used) if is_dataclass(used) else used,
-            }
+            profiles = {name: await one(client, name) for name in ["", *settings.profiles]}
         finally:
             await client.aclose()
+        default = profiles[""]
+        return {"rate": default["rate"], "quota": default["quota"], "profiles": profiles}
 
     data = asyncio.run(run())
     if not with_campaigns:

@@ -218,8 +218,12 @@ def _id(value: str | None) -> str | None:
 
 
 def secrets_from_settings(settings: Settings) -> list[str]:
-    """Every secret a ``Settings`` holds: SMTP password (given or derived), IAM secret key."""
+    """Every secret a ``Settings`` holds: SMTP password (given or derived), IAM secret key,
+    for the unnamed sender and every profile."""
     found: list[str] = []
+    for name in settings.profiles:
+        with contextlib.suppress(Exception):
+            found += secrets_from_settings(settings.for_profile(name))
     if settings.password is not None:
         found.append(settings.password.get_secret_value())
     if settings.secret_access_key is not None:
@@ -233,7 +237,16 @@ def secrets_from_settings(settings: Settings) -> list[str]:
 
 def _env_secrets() -> list[str]:
     names = ("SES_TASKS_PASSWORD", "SES_TASKS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY")
-    return [os.environ[n] for n in names if os.environ.get(n)]
+    found = [os.environ[n] for n in names if os.environ.get(n)]
+    for name, value in os.environ.items():  # profiles: SES_TASKS_PROFILES__<P>__PASSWORD...
+        upper = name.upper()
+        if (
+            upper.startswith("SES_TASKS_PROFILES__")
+            and upper.endswith(("__PASSWORD", "__SECRET_ACCESS_KEY"))
+            and value
+        ):
+            found.append(value)
+    return found
 
 
 def json_enabled(settings: Settings | None = None) -> bool:

@@ -104,15 +104,17 @@ def status_table(status: CampaignStatus, planned: ScheduledCampaign | None = Non
     Console().print(table)
 
 
-def schedule_table(planned: list[ScheduledCampaign], rate_per_s: float) -> None:
-    table = Table(title=f"active campaigns: fleet rate {rate_per_s:g}/s")
-    for name in ("campaign", "state", "weight", "share", "sent / total", "eta"):
+def schedule_table(planned: list[ScheduledCampaign], rates: dict[str, float]) -> None:
+    shown = ", ".join(f"{name or 'default'} {rate:g}/s" for name, rate in rates.items())
+    table = Table(title=f"active campaigns (rates: {shown})")
+    for name in ("campaign", "state", "profile", "weight", "share", "sent / total", "eta"):
         table.add_column(name, justify="left" if name in ("campaign", "state") else "right")
     for p in planned:
         s = p.status
         table.add_row(
             s.id,
             s.state.value,
+            s.meta.get("profile") or "default",
             f"{p.weight:g}",
             f"{p.share:.0%}",
             f"{s.counts.get('sent', 0)} / {s.total}",

@@ -1,8 +1,8 @@
 """What the fleet is sending and when each campaign will be done: the operator's view.
 
-Each running campaign gets ``weight / sum of weights`` of the fleet's effective rate (the
-dispatcher and the limiter enforce that split), so its ETA is its open messages over its
-share. Paused campaigns get no share; a campaign alone gets the whole rate.
+Each running campaign gets ``weight / sum of weights`` of its sender profile's effective
+rate (the dispatcher and the limiter enforce that split), so its ETA is its open messages
+over its share. Paused campaigns get no share; a campaign alone gets the whole rate.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class ScheduledCampaign:
         return {
             "id": s.id,
             "state": s.state.value,
+            "profile": s.meta.get("profile", ""),
             "weight": self.weight,
             "share": round(self.share, 4),
             "rate_per_s": round(self.rate_per_s, 2),
@@ -59,8 +60,11 @@ def weight_of(status: CampaignStatus) -> float:
         return 1.0
 
 
-def fleet_schedule(store: StatusStore, effective_rate_per_s: float) -> list[ScheduledCampaign]:
-    """Every campaign with work left, with its share of the rate and its ETA."""
+def fleet_schedule(store: StatusStore, rates: dict[str, float]) -> list[ScheduledCampaign]:
+    """Every campaign with work left, with its share of its profile's rate and its ETA.
+
+    ``rates``: each profile's effective rate ('' is the unnamed one).
+    """
     statuses = []
     for cid in store.active_campaign_ids():
         if cid == TRANSACTIONAL:
@@ -71,12 +75,17 @@ def fleet_schedule(store: StatusStore, effective_rate_per_s: float) -> list[Sche
             continue
         if status.open or not status.enqueued_all:
             statuses.append(status)
-    total_weight = sum(weight_of(s) for s in statuses if s.state in SENDING)
+    weights: dict[str, float] = {}
+    for s in statuses:
+        if s.state in SENDING:
+            profile = s.meta.get("profile", "")
+            weights[profile] = weights.get(profile, 0.0) + weight_of(s)
     out = []
     for s in statuses:
-        weight = weight_of(s)
+        weight, profile = weight_of(s), s.meta.get("profile", "")
+        total_weight = weights.get(profile, 0.0)
         share = weight / total_weight if s.state in SENDING and total_weight else 0.0
-        rate = effective_rate_per_s * share
+        rate = rates.get(profile, 0.0) * share
         eta = s.open / rate if rate > 0 else None
         in_flight = store.in_flight(s.id)
         out.append(

@@ -21,7 +21,7 @@ from celery import Celery
 from redis.exceptions import RedisError
 
 from ses_tasks.config import Settings
-from ses_tasks.errors import CampaignError, SesTasksError, ValidationError
+from ses_tasks.errors import CampaignError, ConfigurationError, SesTasksError, ValidationError
 from ses_tasks.message.spec import CampaignTemplate
 from ses_tasks.produce.recipients import Recipient, RowError, iter_recipients
 from ses_tasks.queue.publish import publish_job
@@ -73,6 +73,7 @@ class CampaignProducer:
         progress: ProgressCallback | None = None,
         resume: bool = False,
         weight: float = 1.0,
+        profile: str = "",
     ) -> CampaignStatus:
         """Create the campaign and enqueue every recipient; returns the status after enqueue.
 
@@ -82,12 +83,14 @@ class CampaignProducer:
         published again (workers skip whatever of it was already sent).
         """
         weight = check_weight(weight)
+        sender = self._sender(profile)
         rows = iter_recipients(recipients)  # file header errors surface here, before creation
         stored = template.to_dict()
         if resume:
             if campaign_id is None:
                 raise CampaignError("resume needs the campaign id")
             published, counted = self._resume_point(campaign_id, stored)
+            profile = self.store.campaign_status(campaign_id).meta.get("profile", "")
         else:
             campaign_id = campaign_id or new_campaign_id()
             self.store.create_campaign(
@@ -96,12 +99,14 @@ class CampaignProducer:
                 meta={
                     "from": stored["from"],
                     "subject": stored["subject"][:200],
-                    "mode": self.settings.endpoint.mode.value,
+                    "mode": sender.endpoint.mode.value,
                     "weight": repr(weight),
+                    **({"profile": profile} if profile else {}),
                 },
             )
             published = counted = 0
         self._last_kick = 0.0
+        self._profile = profile
         try:
             self._enqueue(
                 campaign_id,
@@ -188,7 +193,7 @@ class CampaignProducer:
         if new:
             self.store.add_queued(campaign_id, new, pipe)
         if batch:
-            job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}")
+            job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}", profile=self._profile)
             entry = LedgerEntry(job.batch_id, job.payload())
             self.store.store_batch(campaign_id, entry, int(batch[0].seq), pipe)
         if not bad:
@@ -201,6 +206,12 @@ class CampaignProducer:
             self._kick()
         if progress:
             progress(len(batch) + len(bad))
+
+    def _sender(self, profile: str) -> Settings:
+        try:
+            return self.settings.for_profile(profile)
+        except ConfigurationError as exc:
+            raise ValidationError("profile", exc.problem) from None
 
     def _kick(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -227,9 +238,10 @@ class CampaignProducer:
 
     def requeue(self, campaign_id: str, batch: list[BatchItem]) -> None:
         """Put final messages (failed, unknown) back to queued and publish them again."""
+        profile = self.store.campaign_status(campaign_id).meta.get("profile", "")
         entry = LedgerEntry(
             f"q{batch[0].seq}-{secrets.token_hex(4)}",
-            BatchJob(campaign_id, tuple(batch)).payload(),
+            BatchJob(campaign_id, tuple(batch), profile=profile).payload(),
         )
         self.store.finish(
             campaign_id,

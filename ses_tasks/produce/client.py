@@ -23,6 +23,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from ses_tasks.config import Settings, load_settings
+from ses_tasks.errors import ConfigurationError, ValidationError
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.ratelimit import Priority
 from ses_tasks.message.spec import CampaignTemplate, MessageSpec, render_message
@@ -98,30 +99,39 @@ class SesTasks:
 
     # Transactional -----------------------------------------------------------------------
 
-    def build_message(self, **fields: Any) -> MessageSpec:
+    def sender(self, profile: str = "") -> Settings:
+        """The settings ``profile`` sends with; ValidationError naming it if unknown."""
+        try:
+            return self.settings.for_profile(profile)
+        except ConfigurationError as exc:
+            raise ValidationError("profile", exc.problem) from None
+
+    def build_message(self, *, profile: str = "", **fields: Any) -> MessageSpec:
         """Validate a message now (raises ``ValidationError``), before anything is enqueued."""
         if "from_" in fields:
             fields["from"] = fields.pop("from_")
-        fields.setdefault("configuration_set", self.settings.configuration_set)
+        fields.setdefault("configuration_set", self.sender(profile).configuration_set)
         spec = MessageSpec.model_validate(fields)
         render_message(spec, max_bytes=self.settings.max_message_bytes)
         return spec
 
-    def send_email(self, **fields: Any) -> MessageResult:
+    def send_email(self, *, profile: str = "", **fields: Any) -> MessageResult:
         """Validate and enqueue one message on the transactional queue.
+
+        ``profile`` names the sender profile (SES account, region) that sends it.
 
         The message and its ledger entry are recorded first, then published. With the same
         ``idempotency_key`` a message still waiting is published again (a copy is harmless:
         claims are idempotent) and one already handled is not. Once this returns, a failed
         publish is no loss: the fleet's sweeper publishes the entry.
         """
-        spec = self.build_message(**fields)
+        spec = self.build_message(profile=profile, **fields)
         message_id = transactional_message_id(spec.idempotency_key)
         first = (spec.to or spec.cc or spec.bcc)[0]
         item = BatchItem(
             message_id.split(".", 1)[1], first, {}, 0, spec.model_dump(mode="json", by_alias=True)
         )
-        job = BatchJob(TRANSACTIONAL, (item,), message_id, Priority.TRANSACTIONAL)
+        job = BatchJob(TRANSACTIONAL, (item,), message_id, Priority.TRANSACTIONAL, profile)
         new, state, in_ledger = self.store.enqueue_one(message_id, first, job.payload())
         if new or (state is MessageState.QUEUED and in_ledger):
             try:
@@ -148,15 +158,17 @@ class SesTasks:
         progress: ProgressCallback | None = None,
         resume: bool = False,
         weight: float = 1.0,
+        profile: str = "",
         **options: Any,
     ) -> CampaignStatus:
         """Validate the template, then store ``recipients`` in batches for the dispatcher.
 
         ``resume=True`` continues an interrupted enqueue of ``campaign_id`` (same template
         and recipients), without sending anything twice. ``weight`` sets the campaign's
-        share of the rate against other running campaigns (default 1: equal shares).
+        share of the rate against other running campaigns of its profile (default 1: equal
+        shares); ``profile`` names the sender profile (default: the unnamed one).
         """
-        options.setdefault("configuration_set", self.settings.configuration_set)
+        options.setdefault("configuration_set", self.sender(profile).configuration_set)
         template = CampaignTemplate(
             from_=from_,
             subject=subject,
@@ -172,6 +184,7 @@ class SesTasks:
             progress=progress,
             resume=resume,
             weight=weight,
+            profile=profile,
         )
 
     def set_weight(self, campaign_id: str, weight: float) -> None:

@@ -30,12 +30,12 @@ def task_call(job: BatchJob, mode: PortMode) -> tuple[str, dict[str, Any]]:
         (item,) = job.items
         message_id = job.message_id(item)
         return MESSAGE_TASK, {
-            "args": (message_id, item.spec, item.attempts, job.batch_id),
+            "args": (message_id, item.spec, item.attempts, job.batch_id, job.profile),
             "task_id": message_id,
             "queue": transactional_queue(mode),
         }
     return BATCH_TASK, {
-        "args": (job.campaign_id, [i.to_json() for i in job.items], job.batch_id),
+        "args": (job.campaign_id, [i.to_json() for i in job.items], job.batch_id, job.profile),
         "queue": bulk_queue(mode),
     }
 

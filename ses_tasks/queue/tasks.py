@@ -34,6 +34,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from ses_tasks.errors import ConfigurationError
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.ratelimit import Priority
 from ses_tasks.ops import logs, metrics
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 SENDING_STATE = "SENDING"
 #: When the status store stayed unreachable past STORE_RETRY_S, try the task again after.
 STORE_DOWN_RETRY_S = 2.0
+#: A batch for a profile this worker lacks goes back to the broker, for another worker.
+NO_PROFILE_RETRY_S = 10.0
 
 
 # Main process: metrics exporter (before the pool forks) and log filters/JSON on its handlers.
@@ -101,11 +104,14 @@ def _publish_follow_ups(runtime: WorkerRuntime, report: BatchReport) -> None:
             log.warning("batch %s stays in the ledger until it is due (%s)", job.batch_id, exc)
 
 
-def _again(task: Task, job: BatchJob, runtime: WorkerRuntime, exc: Exception) -> None:
-    """Nothing was sent and Redis is down: run the task again, or hand it to the broker."""
-    log.warning("status store unreachable (%s); batch of %s retried", exc, job.campaign_id)
+def _again(
+    task: Task, job: BatchJob, runtime: WorkerRuntime, exc: Exception, delay_s: float
+) -> None:
+    """Nothing was sent (Redis is down, or this worker lacks the batch's profile): hand the
+    batch back to the broker, for this or another worker to run later."""
+    log.warning("batch of %s not run here (%s); published again", job.campaign_id, exc)
     try:
-        _publish(runtime, job, STORE_DOWN_RETRY_S)
+        _publish(runtime, job, delay_s)
     except Exception as publish_exc:
         raise Reject(publish_exc, requeue=True) from None
 
@@ -117,7 +123,7 @@ class _StillRunning(Exception):
 async def _deliver(
     runtime: WorkerRuntime, job: BatchJob, on_tail: Callable[[], None] | None
 ) -> BatchReport:
-    report = await deliver(runtime, job, on_tail=on_tail)
+    report = await deliver(runtime.lane(job.profile), job, on_tail=on_tail)
     if job.priority is Priority.BULK:  # a slot is free: the dispatcher hands out the next
         with contextlib.suppress(*STORE_ERRORS):
             await runtime.store.kick_dispatcher()
@@ -127,6 +133,7 @@ async def _deliver(
 def _run(runtime: WorkerRuntime, job: BatchJob, *, overlap: bool = False) -> BatchReport:
     """Run ``job`` on the loop; with ``overlap``, stop waiting once its tail may overlap."""
     timeout_s = runtime.settings.task_timeout_s
+    runtime.lane(job.profile)  # ConfigurationError before anything starts
     with logs.log_context(campaign_id=job.campaign_id):
         tail: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -177,12 +184,16 @@ def _later(
 
 @app.task(name=BATCH_TASK, bind=True, max_retries=None, acks_late=True)
 def send_batch(
-    self: Task, campaign_id: str, items: list[list[Any]], batch_id: str = ""
+    self: Task, campaign_id: str, items: list[list[Any]], batch_id: str = "", profile: str = ""
 ) -> dict[str, Any]:
     """Send one slice of a campaign: ``items`` are ``[seq, email, variables, attempts]``."""
     runtime = get_runtime()
     job = BatchJob(
-        campaign_id, tuple(BatchItem.from_json(i) for i in items), batch_id, Priority.BULK
+        campaign_id,
+        tuple(BatchItem.from_json(i) for i in items),
+        batch_id,
+        Priority.BULK,
+        profile,
     )
     if self.request.id:  # a custom state Flower shows while the batch is on the wire
         try:
@@ -194,7 +205,11 @@ def send_batch(
     try:
         report = _run(runtime, job, overlap=True)
     except StoreUnavailableError as exc:
-        _again(self, job, runtime, exc)
+        _again(self, job, runtime, exc, STORE_DOWN_RETRY_S)
+        return {"campaign_id": campaign_id, "sent": 0, "retried": True}
+    except ConfigurationError as exc:
+        log.error("%s", exc)
+        _again(self, job, runtime, exc, NO_PROFILE_RETRY_S)
         return {"campaign_id": campaign_id, "sent": 0, "retried": True}
     except _StillRunning:
         return {"campaign_id": campaign_id, "finishing": len(items)}
@@ -211,7 +226,12 @@ def send_batch(
 
 @app.task(name=MESSAGE_TASK, bind=True, max_retries=None, acks_late=True)
 def send_message(
-    self: Task, message_id: str, spec: dict[str, Any], failures: int = 0, batch_id: str = ""
+    self: Task,
+    message_id: str,
+    spec: dict[str, Any],
+    failures: int = 0,
+    batch_id: str = "",
+    profile: str = "",
 ) -> dict[str, Any]:
     """Send one transactional message; the result is its delivery record."""
     runtime = get_runtime()
@@ -222,13 +242,18 @@ def send_message(
         (BatchItem(seq, first, {}, failures, spec),),
         batch_id,
         Priority.TRANSACTIONAL,
+        profile,
     )
     try:
         with logs.log_context(message_id=message_id):
             report = _run(runtime, job)
     except StoreUnavailableError as exc:
-        _again(self, job, runtime, exc)
+        _again(self, job, runtime, exc, STORE_DOWN_RETRY_S)
         raise Retry(str(exc), when=STORE_DOWN_RETRY_S) from None
+    except ConfigurationError as exc:
+        log.error("%s", exc)
+        _again(self, job, runtime, exc, NO_PROFILE_RETRY_S)
+        raise Retry(str(exc), when=NO_PROFILE_RETRY_S) from None
     except _StillRunning:
         raise Ignore() from None  # its own settlement (or follow-up) sets the result
     if report.follow_ups:

@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Final
 
@@ -405,7 +405,10 @@ def _classify_setup_failure(exc: BaseException, stage: str) -> SendResult:
         result = classify_reply(code, message, stage=stage)
         if result.outcome is not Outcome.SENT:
             return result
-    return classify_exception(exc, data_sent=False)
+    result = classify_exception(exc, data_sent=False)
+    if stage == "connect" and result.outcome is Outcome.TRANSIENT:
+        return replace(result, unreachable=True)
+    return result
 
 
 def _subject(cert: object) -> str | None:

@@ -68,6 +68,8 @@ class SendResult:
 
     ``reason`` is the server's text or the client error, never a credential.
     ``reconnect`` means the connection it happened on must be dropped, not reused.
+    ``unreachable`` means no connection could be opened at all (refused, timed out, no
+    route): nothing was said to the endpoint, so another endpoint may take the message.
     """
 
     outcome: Outcome
@@ -75,6 +77,7 @@ class SendResult:
     reason: str
     ses_message_id: str | None = None
     reconnect: bool = False
+    unreachable: bool = False
 
     @property
     def ok(self) -> bool:

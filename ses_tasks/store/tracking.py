@@ -169,6 +169,8 @@ class DispatchReply:
     weight: float
     #: Messages not final yet.
     open: int
+    #: The sender profile ('' is the unnamed default).
+    profile: str = ""
     taken: list[LedgerEntry] = field(default_factory=list)
 
 
@@ -269,7 +271,7 @@ def parse_message(message_id: str, raw: dict[Any, Any]) -> MessageRecord | None:
     )
 
 
-_META_FIELDS = ("from", "subject", "mode", "pause_kind", "deferred_reason", "weight")
+_META_FIELDS = ("from", "subject", "mode", "pause_kind", "deferred_reason", "weight", "profile")
 
 
 def parse_campaign(campaign_id: str, raw: dict[Any, Any]) -> CampaignStatus | None:
@@ -876,7 +878,7 @@ class AsyncStatusStore(_Base):
         raw = await self._dispatch(
             keys=keys, args=[take, int(unclaimed_after_s * 1000), self.retention_s]
         )
-        pairs = raw[5:]
+        pairs = raw[6:]
         return DispatchReply(
             campaign_id,
             parse_campaign_state(raw[0]),
@@ -884,6 +886,7 @@ class AsyncStatusStore(_Base):
             int(raw[2]),
             float(_text(raw[3])),
             int(raw[4]),
+            _text(raw[5]),
             [
                 LedgerEntry(_text(pairs[i]), json.loads(_text(pairs[i + 1])))
                 for i in range(0, len(pairs), 2)

@@ -121,15 +121,20 @@ class BatchJob:
     #: The batch's ledger entry ('' for a task published before the ledger existed).
     batch_id: str = ""
     priority: Priority = Priority.BULK
+    #: The sender profile that sends it ('' is the unnamed default).
+    profile: str = ""
 
     def message_id(self, item: BatchItem) -> str:
         return f"{self.campaign_id}.{item.seq}"
 
     def payload(self, items: Sequence[BatchItem] | None = None) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "items": [i.to_json() for i in (self.items if items is None else items)],
             "priority": self.priority.value,
         }
+        if self.profile:
+            out["profile"] = self.profile
+        return out
 
     @classmethod
     def from_payload(cls, campaign_id: str, batch_id: str, payload: dict[str, Any]) -> BatchJob:
@@ -138,6 +143,7 @@ class BatchJob:
             tuple(BatchItem.from_json(i) for i in payload["items"]),
             batch_id,
             Priority(payload.get("priority", Priority.BULK.value)),
+            str(payload.get("profile") or ""),
         )
 
 
@@ -782,7 +788,7 @@ class _Run:
             batch_id = self.mid(items[0])  # a single message's entry is its message id
         else:
             batch_id = f"f{items[0].seq}-{secrets.token_hex(4)}"
-        follow = BatchJob(job.campaign_id, tuple(items), batch_id, job.priority)
+        follow = replace(job, items=tuple(items), batch_id=batch_id)
         self.report.follow_ups.append(FollowUp(follow, delay_s, why))
         for observer in observers:
             observer.retry_scheduled(why, len(items))

@@ -76,17 +76,23 @@ def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
     return out
 
 
-def rate_shares(campaigns: Sequence[DispatchReply]) -> dict[str, float]:
-    """Each sending campaign's share of the rate, by weight; empty when only one sends.
+def rate_shares(campaigns: Sequence[DispatchReply]) -> dict[str, dict[str, float]]:
+    """Per profile, each sending campaign's share of that profile's rate, by weight.
 
-    Only campaigns with batches in flight count: one still waiting for its first slot
-    holds nobody back.
+    Only campaigns with batches in flight count (one still waiting for its first slot
+    holds nobody back); a profile with one sending campaign has no split ({}).
     """
-    sending = [c for c in campaigns if c.state in SENDING and c.in_flight]
-    if len(sending) < 2:
-        return {}
-    total = sum(c.weight for c in sending)
-    return {c.campaign_id: c.weight / total for c in sending}
+    by_profile: dict[str, list[DispatchReply]] = {}
+    for c in campaigns:
+        by_profile.setdefault(c.profile, [])
+        if c.state in SENDING and c.in_flight:
+            by_profile[c.profile].append(c)
+    out: dict[str, dict[str, float]] = {}
+    for profile, sending in by_profile.items():
+        total = sum(c.weight for c in sending)
+        split = len(sending) > 1
+        out[profile] = {c.campaign_id: c.weight / total for c in sending} if split else {}
+    return out
 
 
 class Dispatcher:
@@ -95,7 +101,7 @@ class Dispatcher:
         self.publish = publish
         self.settings = rt.settings
         self.dispatched = 0
-        self.shares: dict[str, float] = {}
+        self.shares: dict[str, dict[str, float]] = {}
         self._next_beat = 0.0
 
     async def run_forever(self) -> None:
@@ -162,9 +168,12 @@ class Dispatcher:
 
     async def _share_rate(self, campaigns: Sequence[DispatchReply]) -> None:
         shares = rate_shares(campaigns)
-        if shares or self.shares:  # refreshed each round: the limiter ignores stale shares
-            await self.rt.limiter.set_shares(shares)
-            self.shares = shares
+        for profile in set(shares) | set(self.shares):
+            split = shares.get(profile, {})
+            # Refreshed each round while split (the limiter ignores stale shares).
+            if (split or self.shares.get(profile)) and profile in self.rt.lanes:
+                await self.rt.lanes[profile].limiter.set_shares(split)
+        self.shares = shares
 
     async def _publish(self, campaign_id: str, reply: DispatchReply) -> int:
         jobs = [BatchJob.from_payload(campaign_id, e.batch_id, e.payload) for e in reply.taken]

@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis.asyncio as aioredis
 
 from ses_tasks.config import Settings, load_settings
-from ses_tasks.limits.quota import DailyQuota
-from ses_tasks.limits.ratelimit import FleetRateLimiter
-from ses_tasks.smtp.endpoint import make_tls_context
-from ses_tasks.smtp.pool import SmtpPool
+from ses_tasks.errors import ConfigurationError
 from ses_tasks.store.connections import async_redis
 from ses_tasks.store.tracking import AsyncStatusStore, parse_message
 from ses_tasks.worker.dispatcher import Dispatcher
+from ses_tasks.worker.lanes import Lane, LaneView
 from ses_tasks.worker.sweeper import Sweeper
 
 if TYPE_CHECKING:
@@ -58,32 +56,13 @@ class WorkerRuntime:
             retention_s=settings.retention_s,
             redeliver_after_s=settings.redeliver_after,
         )
-        self.limiter = FleetRateLimiter(
-            self.redis,
-            key_prefix=settings.key_prefix,
-            rate_per_s=settings.max_send_rate,
-            burst=settings.burst,
-            transactional_reserve=settings.transactional_reserve,
-        )
-        self.quota = DailyQuota(
-            self.redis,
-            key_prefix=settings.key_prefix,
-            limit=settings.max_24h_send,
-            window_s=settings.quota_window_s,
-        )
-        self.pool = SmtpPool(
-            settings.endpoint,
-            tls_context=make_tls_context(settings.ca_file),
-            username=settings.username,
-            password=settings.smtp_password(),
-            size=settings.pool_size,
-            min_size=min(settings.pool_min_size, settings.pool_size),
-            max_messages_per_connection=settings.max_messages_per_connection,
-            max_age_s=settings.max_connection_age,
-            idle_check_s=settings.idle_check_s,
-            connect_timeout_s=settings.connect_timeout,
-            send_timeout_s=settings.send_timeout,
-        )
+        #: One lane per sender profile ('' is the unnamed default).
+        self.lanes = {
+            name: Lane(name, settings.for_profile(name), self.redis, settings.failover_for(name))
+            for name in ["", *settings.profiles]
+        }
+        default = self.lanes[""]
+        self.limiter, self.quota, self.pool = default.limiter, default.quota, default.pool
         self.templates: dict[str, Any] = {}
         self._sweeper_task: concurrent.futures.Future[None] | None = None
         self._dispatcher_task: concurrent.futures.Future[None] | None = None
@@ -94,14 +73,24 @@ class WorkerRuntime:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
+    def lane(self, profile: str) -> LaneView:
+        """This process as ``profile`` sends; ConfigurationError if it has no such profile."""
+        lane = self.lanes.get(profile)
+        if lane is None:
+            raise ConfigurationError(
+                "profile", f"this worker has no profile {profile!r} (SES_TASKS_PROFILES__...)"
+            )
+        return LaneView(self, lane)
+
     def start(self) -> None:
         """Start the loop thread and begin warming connections; returns at once."""
         if self._started:
             return
         self._started = True
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.pool.start(), self.loop)
-        log.info("worker runtime started: %r", self.pool)
+        for lane in self.lanes.values():
+            asyncio.run_coroutine_threadsafe(lane.pool.start(), self.loop)
+        log.info("worker runtime started: %s", ", ".join(repr(x.pool) for x in self.lanes.values()))
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coro`` on the loop; ``close()`` waits for it before closing the pool."""
@@ -171,7 +160,9 @@ class WorkerRuntime:
 
         async def _close() -> None:
             try:
-                await self.pool.close()
+                await asyncio.gather(
+                    *(lane.pool.close() for lane in self.lanes.values()), return_exceptions=True
+                )
             finally:
                 await self.redis.aclose()
 

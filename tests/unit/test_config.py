@@ -97,3 +97,62 @@ def test_redact_url_keeps_urls_without_password():
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("rediss://u:p@h:6380/1") == "rediss://u:***@h:6380/1"
     assert isinstance(Settings.model_fields, dict)
+
+
+# Sender profiles -----------------------------------------------------------------------
+
+
+def test_profiles_from_the_environment_override_only_what_they_set(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_MAX_SEND_RATE", "14")
+    monkeypatch.setenv("SES_TASKS_PASSWORD", "fleet-password")
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__REGION", "eu-west-1")
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__MAX_SEND_RATE", "50")
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__CONFIGURATION_SET", "eu-set")
+    monkeypatch.setenv("SES_TASKS_PROFILES__TENANT_B__SECRET_ACCESS_KEY", "tenant-b-secret")
+    s = load_settings()
+    assert set(s.profiles) == {"eu", "tenant_b"}
+    eu = s.for_profile("eu")
+    assert eu.endpoint.host == "email-smtp.eu-west-1.amazonaws.com"
+    assert (eu.max_send_rate, eu.configuration_set) == (50.0, "eu-set")
+    assert eu.smtp_password() == "fleet-password"  # not set: the fleet's
+    assert eu.batch_size == s.batch_size and eu.redis_url == s.redis_url
+    tenant = s.for_profile("tenant_b")
+    assert tenant.password is None  # its own credentials replace the fleet's, both kinds
+    assert tenant.smtp_password() not in (None, "fleet-password")
+    assert s.for_profile("") is s
+    for text in (repr(s), str(s), repr(s.profiles), repr(tenant)):
+        assert "tenant-b-secret" not in text and "fleet-password" not in text
+
+
+def test_an_unknown_profile_is_named_with_the_known_ones(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__REGION", "eu-west-1")
+    with pytest.raises(ConfigurationError, match=r"no profile 'us'.*profiles: eu"):
+        load_settings().for_profile("us")
+
+
+def test_profile_names_and_fields_are_checked(monkeypatch):
+    with pytest.raises(ConfigurationError, match="profile name"):
+        load_settings(profiles={"Bad Name": {}})
+    with pytest.raises(ConfigurationError, match="max_send_rate"):
+        load_settings(profiles={"eu": {"max_send_rate": 0}})
+    with pytest.raises(ConfigurationError, match="colour"):
+        load_settings(profiles={"eu": {"colour": "red"}})
+
+
+def test_profiles_as_json_and_failover(monkeypatch):
+    monkeypatch.setenv(
+        "SES_TASKS_PROFILES",
+        '{"eu": {"region": "eu-west-1", "failover_region": "eu-central-1"}, "us": {}}',
+    )
+    s = load_settings()
+    failover = s.failover_for("eu")
+    assert failover is not None
+    assert failover.endpoint.host == "email-smtp.eu-central-1.amazonaws.com"
+    assert s.failover_for("us") is None and s.failover_for("") is None
+
+
+def test_profile_secrets_are_redacted_from_logs(monkeypatch):
+    from ses_tasks.ops.logs import secrets_from_settings
+
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__PASSWORD", "eu-smtp-password")
+    assert "eu-smtp-password" in secrets_from_settings(load_settings())

@@ -22,8 +22,8 @@ from ses_tasks.worker.dispatcher import allocate, rate_shares
 RUNNING, PAUSED = CampaignState.RUNNING, CampaignState.PAUSED
 
 
-def camp(cid: str, in_flight: int, backlog: int, weight: float = 1.0, state=RUNNING):
-    return DispatchReply(cid, state, in_flight, backlog, weight, open=backlog * 10)
+def camp(cid: str, in_flight: int, backlog: int, weight: float = 1.0, state=RUNNING, profile=""):
+    return DispatchReply(cid, state, in_flight, backlog, weight, backlog * 10, profile)
 
 
 # allocate: weighted max-min fairness over the free slots --------------------------------
@@ -64,12 +64,19 @@ def test_allocation_respects_backlog_pause_and_a_full_window():
     assert allocate([cancelled], window=10) == {"c": 3}
 
 
-def test_rate_shares_only_split_between_campaigns_sending():
-    assert rate_shares([camp("a", 2, 10)]) == {}
-    assert rate_shares([camp("a", 2, 10), camp("b", 0, 10)]) == {}  # b has no slot yet
+def test_rate_shares_only_split_between_campaigns_sending_with_one_profile():
+    assert rate_shares([camp("a", 2, 10)]) == {"": {}}
+    assert rate_shares([camp("a", 2, 10), camp("b", 0, 10)]) == {"": {}}  # b has no slot yet
     shares = rate_shares([camp("a", 2, 10, 3.0), camp("b", 1, 0, 1.0)])
-    assert shares == {"a": 0.75, "b": 0.25}
-    assert rate_shares([camp("a", 2, 10), camp("p", 1, 10, state=PAUSED)]) == {}
+    assert shares == {"": {"a": 0.75, "b": 0.25}}
+    assert rate_shares([camp("a", 2, 10), camp("p", 1, 10, state=PAUSED)]) == {"": {}}
+    # Each profile has its own rate: campaigns of two profiles do not split anything.
+    two = rate_shares([camp("a", 2, 10), camp("e", 2, 10, profile="eu")])
+    assert two == {"": {}, "eu": {}}
+    three = rate_shares(
+        [camp("a", 2, 10), camp("e", 2, 10, profile="eu"), camp("f", 1, 1, profile="eu")]
+    )
+    assert three == {"": {}, "eu": {"e": 0.5, "f": 0.5}}
 
 
 # The dispatch script ---------------------------------------------------------------------

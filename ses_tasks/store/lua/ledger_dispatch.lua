@@ -6,19 +6,20 @@
 -- retention s
 -- A dispatched batch counts against the campaign's credits until it leaves the ledger
 -- (settled or parked); settled ones are pruned here, so credits need no other bookkeeping.
--- Returns {campaign_state, in_flight, backlog, weight, open, id_1, payload_1, ...}.
+-- Returns {campaign_state, in_flight, backlog, weight, open, profile, id_1, payload_1, ...}.
 local now = now_ms()
 local cstate = redis.call('HGET', KEYS[1], 'state') or 'missing'
 local weight = redis.call('HGET', KEYS[1], 'weight') or '1'
+local profile = redis.call('HGET', KEYS[1], 'profile') or ''
 if cstate == 'missing' then
   -- Its record is gone (expired, or Redis lost it): claims would send nothing.
   redis.call('DEL', KEYS[4], KEYS[5])
-  return {cstate, 0, 0, weight, 0}
+  return {cstate, 0, 0, weight, 0, profile}
 end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   if redis.call('HEXISTS', KEYS[2], id) == 0 then redis.call('ZREM', KEYS[5], id) end
 end
-local out = {cstate, 0, 0, weight, 0}
+local out = {cstate, 0, 0, weight, 0, profile}
 local n = tonumber(ARGV[1])
 if n > 0 and cstate ~= 'paused' then
   local taken = redis.call('ZPOPMIN', KEYS[4], n)

@@ -1,0 +1,182 @@
+'use strict';
+/**
+ * The nodemailer pool baseline: one Node.js process sending over a nodemailer SMTP pool.
+ *
+ *   NODE_PATH=<dir>/node_modules node bench/nodemailer_pool.js <config.json>
+ *
+ * Run by bench/nodemailer.py as 2 processes x N/2 connections each, the layout of ours
+ * (2 worker processes x POOL_SIZE = N/2) and of the bare loop and I/O floor: Node runs one
+ * thread per process, so a single process could use one of the two cores while ours and
+ * the loops may use both; two processes give nodemailer the same cores and the same
+ * connections per process as everyone else.
+ *
+ * The config file (JSON) gives host, port, servername, ca_file, user, password, from,
+ * subject / text / html templates ("{{ name }}", "{{ email }}"), connections, first (the
+ * first recipient number), count (timed messages), in_flight (sendMail calls outstanding),
+ * nodelay (optional, default false).
+ *
+ * TCP_NODELAY: nodemailer leaves Nagle's algorithm on (Python's asyncio, so aiosmtplib and
+ * ours, turns it off). The end of DATA then waits for the server's delayed ACK, about 40 ms
+ * per message on Linux, whatever the round-trip time. That is nodemailer as shipped and is
+ * the default here; with "nodelay": true every socket gets setNoDelay(true) before it
+ * connects (the "nodemailer-nodelay" baseline), to separate that stall from the rest.
+ *
+ * Phases:
+ *   1. warm-up: 2 x connections messages (recipients warm<first+i>@example.com) queued at
+ *      once, so the pool opens every connection (TCP, greeting, EHLO, STARTTLS, EHLO, AUTH)
+ *      and the code paths are compiled; then prints "ready".
+ *   2. waits for a line on stdin (the runner starts every process at the same moment).
+ *   3. timed phase: `count` messages to user<first+i>@example.com, one recipient each,
+ *      `in_flight` (>= connections) sendMail calls outstanding at any time, so the pool's
+ *      queue always has a message for each connection that frees up.
+ *   4. prints ONE JSON line: messages, seconds (start of the timed phase to the last send
+ *      completion, as the I/O floor measures), msgs_per_s, cpu_s (process.cpuUsage() user +
+ *      system over the timed phase), started / ended (Unix seconds, to merge processes),
+ *      errors, message_bytes (one message as built), connections_open, nodemailer_version.
+ * The pool is closed (QUIT) after the JSON line's numbers are taken.
+ */
+
+const fs = require('fs');
+const readline = require('readline');
+const { performance } = require('perf_hooks');
+
+let nodemailer;
+try {
+    nodemailer = require('nodemailer');
+} catch (err) {
+    console.log(JSON.stringify({ skipped: `cannot load nodemailer: ${err.message}` }));
+    process.exit(3);
+}
+const MailComposer = require('nodemailer/lib/mail-composer');
+const nodemailerVersion = require('nodemailer/package.json').version;
+
+function nowS() {
+    return (performance.timeOrigin + performance.now()) / 1000;
+}
+
+function fill(template, name, email) {
+    return template.split('{{ name }}').join(name).split('{{ email }}').join(email);
+}
+
+function mailFor(cfg, local, seq) {
+    const to = `${local}${seq}@example.com`;
+    const name = `User ${seq}`;
+    return {
+        from: cfg.from,
+        to,
+        subject: fill(cfg.subject, name, to),
+        text: fill(cfg.text, name, to),
+        html: fill(cfg.html, name, to),
+    };
+}
+
+/** Send messages first..first+count-1 with `inFlight` sendMail calls outstanding. */
+async function sendAll(transporter, cfg, local, first, count, inFlight) {
+    let next = first;
+    const end = first + count;
+    let sent = 0;
+    let errors = 0;
+    let firstError = null;
+    async function lane() {
+        while (next < end) {
+            const seq = next++;
+            try {
+                await transporter.sendMail(mailFor(cfg, local, seq));
+                sent++;
+            } catch (err) {
+                errors++;
+                firstError = firstError || String(err && err.message ? err.message : err);
+            }
+        }
+    }
+    const lanes = [];
+    for (let i = 0; i < Math.min(inFlight, count); i++) lanes.push(lane());
+    await Promise.all(lanes);
+    return { sent, errors, firstError };
+}
+
+function messageBytes(cfg) {
+    return new Promise((resolve) => {
+        new MailComposer(mailFor(cfg, 'user', cfg.first)).compile().build((err, buf) => {
+            resolve(err ? null : buf.length);
+        });
+    });
+}
+
+function waitForLine() {
+    return new Promise((resolve) => {
+        const rl = readline.createInterface({ input: process.stdin });
+        rl.once('line', () => {
+            rl.close();
+            resolve();
+        });
+        rl.once('close', resolve);
+    });
+}
+
+/** Turn Nagle's algorithm off on every TCP socket this process opens. */
+function forceNoDelay() {
+    const net = require('net');
+    const connect = net.Socket.prototype.connect;
+    net.Socket.prototype.connect = function (...args) {
+        this.setNoDelay(true);
+        return connect.apply(this, args);
+    };
+}
+
+async function main() {
+    const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+    if (cfg.nodelay) forceNoDelay();
+    const connections = cfg.connections;
+    const transporter = nodemailer.createTransport({
+        pool: true,
+        maxConnections: connections,
+        maxMessages: Infinity,
+        host: cfg.host,
+        port: cfg.port,
+        secure: false,
+        requireTLS: true,
+        tls: { ca: fs.readFileSync(cfg.ca_file), servername: cfg.servername },
+        auth: { user: cfg.user, pass: cfg.password },
+    });
+
+    const warm = await sendAll(transporter, cfg, 'warm', cfg.first, 2 * connections, 2 * connections);
+    if (warm.errors) {
+        throw new Error(`warm-up: ${warm.errors} errors, first: ${warm.firstError}`);
+    }
+    const pool = transporter.transporter;
+    const connectionsOpen = Array.isArray(pool._connections) ? pool._connections.length : null;
+    const bytes = await messageBytes(cfg);
+    console.log('ready');
+    await waitForLine();
+
+    const cpu0 = process.cpuUsage();
+    const started = nowS();
+    const result = await sendAll(transporter, cfg, 'user', cfg.first, cfg.count, cfg.in_flight);
+    const ended = nowS();
+    const cpu = process.cpuUsage(cpu0);
+    const seconds = ended - started;
+    console.log(
+        JSON.stringify({
+            messages: result.sent,
+            seconds,
+            msgs_per_s: result.sent / seconds,
+            cpu_s: (cpu.user + cpu.system) / 1e6,
+            started,
+            ended,
+            errors: result.errors,
+            first_error: result.firstError,
+            connections: connections,
+            connections_open: connectionsOpen,
+            message_bytes: bytes,
+            nodemailer_version: nodemailerVersion,
+            nodelay: Boolean(cfg.nodelay),
+        }),
+    );
+    transporter.close();
+}
+
+main().catch((err) => {
+    console.log(JSON.stringify({ error: String(err && err.stack ? err.stack : err) }));
+    process.exit(1);
+});

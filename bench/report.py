@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-DASH = "–"
+DASH = "-"
 
 
 def _load(path: str) -> list[dict[str, Any]]:

@@ -24,18 +24,24 @@ __all__ = ["publish_job", "task_call"]
 log = logging.getLogger(__name__)
 
 
+def _profile(job: BatchJob) -> tuple[str, ...]:
+    """The profile argument, only when there is one: workers of the previous release take
+    the default profile's tasks during a rolling upgrade."""
+    return (job.profile,) if job.profile else ()
+
+
 def task_call(job: BatchJob, mode: PortMode) -> tuple[str, dict[str, Any]]:
     """The task name and ``send_task`` keyword arguments that carry ``job``."""
     if job.priority is Priority.TRANSACTIONAL and job.campaign_id == TRANSACTIONAL:
         (item,) = job.items
         message_id = job.message_id(item)
         return MESSAGE_TASK, {
-            "args": (message_id, item.spec, item.attempts, job.batch_id, job.profile),
+            "args": (message_id, item.spec, item.attempts, job.batch_id, *_profile(job)),
             "task_id": message_id,
             "queue": transactional_queue(mode),
         }
     return BATCH_TASK, {
-        "args": (job.campaign_id, [i.to_json() for i in job.items], job.batch_id, job.profile),
+        "args": (job.campaign_id, [i.to_json() for i in job.items], job.batch_id, *_profile(job)),
         "queue": bulk_queue(mode),
     }
 

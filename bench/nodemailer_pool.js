@@ -103,17 +103,6 @@ function messageBytes(cfg) {
     });
 }
 
-function waitForLine() {
-    return new Promise((resolve) => {
-        const rl = readline.createInterface({ input: process.stdin });
-        rl.once('line', () => {
-            rl.close();
-            resolve();
-        });
-        rl.once('close', resolve);
-    });
-}
-
 /** Turn Nagle's algorithm off on every TCP socket this process opens. */
 function forceNoDelay() {
     const net = require('net');
@@ -121,6 +110,37 @@ function forceNoDelay() {
     net.Socket.prototype.connect = function (...args) {
         this.setNoDelay(true);
         return connect.apply(this, args);
+    };
+}
+
+/** Build `count` messages in memory (no network): V8 compiles nodemailer's message paths. */
+async function buildWarmup(cfg, count) {
+    const builder = nodemailer.createTransport({ streamTransport: true, buffer: true });
+    for (let i = 0; i < count; i += 50) {
+        const batch = [];
+        for (let j = i; j < Math.min(count, i + 50); j++) {
+            batch.push(builder.sendMail(mailFor(cfg, 'build', j)));
+        }
+        await Promise.all(batch);
+    }
+}
+
+async function timedRun(transporter, cfg, first, count) {
+    const cpu0 = process.cpuUsage();
+    const started = nowS();
+    const result = await sendAll(transporter, cfg, 'user', first, count, cfg.in_flight);
+    const ended = nowS();
+    const cpu = process.cpuUsage(cpu0);
+    const seconds = ended - started;
+    return {
+        messages: result.sent,
+        seconds,
+        msgs_per_s: result.sent / seconds,
+        cpu_s: (cpu.user + cpu.system) / 1e6,
+        started,
+        ended,
+        errors: result.errors,
+        first_error: result.firstError,
     };
 }
 
@@ -140,7 +160,9 @@ async function main() {
         auth: { user: cfg.user, pass: cfg.password },
     });
 
-    const warm = await sendAll(transporter, cfg, 'warm', cfg.first, 2 * connections, 2 * connections);
+    await buildWarmup(cfg, cfg.build_warmup || 0);
+    const warmup = 2 * connections;
+    const warm = await sendAll(transporter, cfg, 'warm', cfg.first, warmup, warmup);
     if (warm.errors) {
         throw new Error(`warm-up: ${warm.errors} errors, first: ${warm.firstError}`);
     }
@@ -148,31 +170,24 @@ async function main() {
     const connectionsOpen = Array.isArray(pool._connections) ? pool._connections.length : null;
     const bytes = await messageBytes(cfg);
     console.log('ready');
-    await waitForLine();
 
-    const cpu0 = process.cpuUsage();
-    const started = nowS();
-    const result = await sendAll(transporter, cfg, 'user', cfg.first, cfg.count, cfg.in_flight);
-    const ended = nowS();
-    const cpu = process.cpuUsage(cpu0);
-    const seconds = ended - started;
-    console.log(
-        JSON.stringify({
-            messages: result.sent,
-            seconds,
-            msgs_per_s: result.sent / seconds,
-            cpu_s: (cpu.user + cpu.system) / 1e6,
-            started,
-            ended,
-            errors: result.errors,
-            first_error: result.firstError,
-            connections: connections,
-            connections_open: connectionsOpen,
-            message_bytes: bytes,
-            nodemailer_version: nodemailerVersion,
-            nodelay: Boolean(cfg.nodelay),
-        }),
-    );
+    const rl = readline.createInterface({ input: process.stdin });
+    for await (const line of rl) {
+        const [command, first, count] = line.trim().split(/\s+/);
+        if (command !== 'go') break;
+        const result = await timedRun(transporter, cfg, Number(first), Number(count));
+        console.log(
+            JSON.stringify({
+                ...result,
+                connections,
+                connections_open: connectionsOpen,
+                message_bytes: bytes,
+                nodemailer_version: nodemailerVersion,
+                nodelay: Boolean(cfg.nodelay),
+            }),
+        );
+    }
+    rl.close();
     transporter.close();
 }
 

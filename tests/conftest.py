@@ -43,7 +43,16 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:
-    return Settings(**{k.removeprefix("SES_TASKS_").lower(): v for k, v in env.items()})
+    """Settings from a test's environment dict (``PROFILES__<P>__<F>`` nested, as in env)."""
+    values: dict[str, Any] = {}
+    for key, value in env.items():
+        name, *nested = key.removeprefix("SES_TASKS_").lower().split("__")
+        if nested:
+            profile, field_name = nested
+            values.setdefault(name, {}).setdefault(profile, {})[field_name] = value
+        else:
+            values[name] = value
+    return Settings(**values)
 
 
 @dataclass

@@ -107,6 +107,7 @@ class CampaignProducer:
             published = counted = 0
         self._last_kick = 0.0
         self._profile = profile
+        self._campaign_id = campaign_id
         try:
             self._enqueue(
                 campaign_id,
@@ -218,7 +219,7 @@ class CampaignProducer:
         if force or now - self._last_kick >= KICK_EVERY_S:
             self._last_kick = now
             with contextlib.suppress(Exception):  # the dispatcher also polls
-                self.store.kick_dispatcher()
+                self.store.kick_dispatcher(self._campaign_id)
 
     def publish(self, campaign_id: str, entries: Sequence[LedgerEntry]) -> None:
         """Publish ledger entries; one that fails is left due for the sweeper."""

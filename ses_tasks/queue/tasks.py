@@ -1,12 +1,12 @@
 """Celery tasks: thin, synchronous shells around ``delivery`` on the worker's event loop.
 
 A batch task runs ``delivery.deliver`` and publishes the follow-up batches it returns
-(already in the ledger, so a failed publish is swept later, never lost). It returns as soon
-as the batch's last sends are on the wire and the process runs fewer than
-``BATCHES_PER_PROCESS`` batches: the next batch's claim and render overlap this one's tail,
-so the process's connections never idle between batches. The tail settles on the loop; a
-crash meanwhile is covered by the ledger like any other (the sweeper takes the batch over
-after its lease). The single-message
+(already in the ledger, so a failed publish is swept later, never lost). It hands the
+batch to the process's event loop and returns as soon as the process has room for another
+(``BATCHES_PER_PROCESS``, plus one place a new campaign's first batch may take): several
+batches share the process's connections, so none idles while one batch waits for its last
+replies. The batch settles on the loop; a crash meanwhile is covered by the ledger like
+any other (the sweeper takes the batch over after its lease). The single-message
 task is a batch of one at transactional priority; its task id is the message id, and it
 ends in Celery's RETRY state while a follow-up is pending, so ``AsyncResult.get()`` waits
 for the final record.
@@ -17,10 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import threading
-import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED
 from typing import Any
 
 from celery import Task
@@ -38,8 +34,9 @@ from ses_tasks.errors import ConfigurationError
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.ratelimit import Priority
 from ses_tasks.ops import logs, metrics
-from ses_tasks.queue.app import BATCH_TASK, MESSAGE_TASK, app
+from ses_tasks.queue.app import BATCH_TASK, MESSAGE_TASK, app, bulk_queue
 from ses_tasks.queue.publish import publish_job
+from ses_tasks.smtp.endpoint import PortMode
 from ses_tasks.states import OPEN_STATES, MessageState
 from ses_tasks.worker.delivery import (
     STORE_ERRORS,
@@ -74,9 +71,18 @@ def _publish(runtime: WorkerRuntime, job: BatchJob, countdown_s: float) -> None:
     publish_job(app, runtime.settings.endpoint.mode, job, countdown_s)
 
 
+def _takes_bulk() -> bool:
+    consumed = getattr(app.amqp.queues, "consume_from", None)
+    if not consumed:
+        return True
+    return any(name in consumed for name in (bulk_queue(mode) for mode in PortMode))
+
+
 @worker_process_init.connect
 def _warm_up(**_: Any) -> None:
     runtime = get_runtime()
+    if not _takes_bulk():  # a transactional-only worker adds nothing to the bulk window
+        runtime.bulk_capacity = 0
     runtime.start_fleet_loops(lambda job: _publish(runtime, job, 0.0))
     if metrics.enabled():
         metrics.setup_worker_process(runtime)
@@ -120,10 +126,8 @@ class _StillRunning(Exception):
     """The batch finishes on the loop and settles itself (its tail, or past TASK_TIMEOUT_S)."""
 
 
-async def _deliver(
-    runtime: WorkerRuntime, job: BatchJob, on_tail: Callable[[], None] | None
-) -> BatchReport:
-    report = await deliver(runtime.lane(job.profile), job, on_tail=on_tail)
+async def _deliver(runtime: WorkerRuntime, job: BatchJob) -> BatchReport:
+    report = await deliver(runtime.lane(job.profile), job)
     if job.priority is Priority.BULK:  # a slot is free: the dispatcher hands out the next
         with contextlib.suppress(*STORE_ERRORS):
             await runtime.store.kick_dispatcher()
@@ -131,28 +135,21 @@ async def _deliver(
 
 
 def _run(runtime: WorkerRuntime, job: BatchJob, *, overlap: bool = False) -> BatchReport:
-    """Run ``job`` on the loop; with ``overlap``, stop waiting once its tail may overlap."""
+    """Run ``job`` on the loop; with ``overlap``, return once the process has room."""
     timeout_s = runtime.settings.task_timeout_s
     runtime.lane(job.profile)  # ConfigurationError before anything starts
     with logs.log_context(campaign_id=job.campaign_id):
-        tail: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def on_tail() -> None:
-            if not tail.done():
-                tail.set_result(None)
-
-        future = runtime.submit(_deliver(runtime, job, on_tail if overlap else None))
-        deadline = time.monotonic() + timeout_s
-        if overlap:
-            either: list[concurrent.futures.Future[Any]] = [future, tail]
-            concurrent.futures.wait(either, timeout_s, FIRST_COMPLETED)
-            if not future.done() and runtime.wait_for_room(
-                runtime.settings.batches_per_process, deadline - time.monotonic()
-            ):
+        future = runtime.submit(_deliver(runtime, job))
+        if overlap and runtime.wait_for_room(runtime.settings.batches_per_process + 1, timeout_s):
+            # Room for one more than BATCHES_PER_PROCESS: the dispatcher fills the window
+            # to BATCHES_PER_PROCESS per process, and a new campaign's first batch starts
+            # at once in the extra place.
+            if not future.done():
                 future.add_done_callback(lambda f: _later(runtime, job, f))
                 raise _StillRunning
+            return future.result()
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            return future.result(timeout=timeout_s)
         except concurrent.futures.TimeoutError:
             log.warning("batch of %s still running after TASK_TIMEOUT_S", job.campaign_id)
             future.add_done_callback(lambda f: _later(runtime, job, f))
@@ -179,7 +176,7 @@ def _later(
             except Exception as exc:
                 log.warning("result of %s not stored (%s)", message_id, exc)
 
-    threading.Thread(target=finish, daemon=True).start()
+    runtime.spawn_publisher(finish)
 
 
 @app.task(name=BATCH_TASK, bind=True, max_retries=None, acks_late=True)

@@ -499,9 +499,15 @@ class StatusStore(_Base):
         pipe.expire(self.keys.batches(campaign_id), self.retention_s)
         pipe.expire(self.keys.backlog(campaign_id), self.retention_s)
 
-    def kick_dispatcher(self) -> None:
-        """Wake the fleet's dispatcher now instead of at its next poll."""
+    def kick_dispatcher(self, campaign_id: str | None = None) -> None:
+        """Wake the fleet's dispatcher now instead of at its next poll.
+
+        With ``campaign_id``, also put it (back) on the active list: the sweeper may have
+        retired it (cancelled, ledger empty) while its producer was still storing.
+        """
         pipe = self.redis.pipeline(transaction=False)
+        if campaign_id is not None:
+            pipe.zadd(self.keys.active(), {campaign_id: int(time.time() * 1000)}, nx=True)
         pipe.lpush(self.keys.dispatch_kick(), 1)
         pipe.ltrim(self.keys.dispatch_kick(), 0, 0)
         pipe.execute()

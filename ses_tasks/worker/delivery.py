@@ -428,7 +428,6 @@ class _Run:
         self.fatal_items: list[BatchItem] = []
         self.quota_retry_s: float | None = None
         self.store_down = False
-        self.on_tail: Callable[[], None] | None = None
         self.throttled = False
 
     # Claim and render -------------------------------------------------------------------
@@ -689,8 +688,6 @@ class _Run:
                     if len(self.pending) >= chunk_size:
                         await self._flush_mid_batch()
         finally:
-            if self.on_tail is not None:  # the last sends are on the wire: the caller may
-                self.on_tail()  # start the next batch while these finish
             # Whatever happened, sends already started finish and are recorded.
             if inflight:
                 done, _ = await asyncio.wait(inflight)
@@ -835,7 +832,9 @@ class _Run:
         settle = Settlement(
             token=self.token,
             release=release,
-            done_batch=job.batch_id if done else "",
+            # A copy that found messages held by another run leaves the entry to that run:
+            # removing it would free the live batch's ledger entry (and its credit).
+            done_batch=job.batch_id if done and not self.busy else "",
             follow_ups=entries,
         )
         batch = self.pending
@@ -943,20 +942,14 @@ class _Run:
         entries.append(self._follow_up(items, 0.0, "campaign resumed"))
 
 
-async def deliver(
-    rt: DeliveryRuntime, job: BatchJob, *, on_tail: Callable[[], None] | None = None
-) -> BatchReport:
+async def deliver(rt: DeliveryRuntime, job: BatchJob) -> BatchReport:
     """Send one batch; every claimed message ends recorded, parked or in a follow-up.
-
-    ``on_tail`` is called once every send has started (or sending stopped early): from
-    then on the batch only waits for replies and records them.
 
     Raises ``StoreUnavailableError`` only before anything was sent (the claim could not be
     made): the caller retries the task.
     """
     job = _without_repeats(job)
     run = _Run(rt, job)
-    run.on_tail = on_tail
     if not job.items:
         return run.report
     ready = await run.claim()

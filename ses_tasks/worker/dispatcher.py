@@ -26,6 +26,7 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ses_tasks.keys import TRANSACTIONAL
@@ -42,7 +43,7 @@ __all__ = ["Dispatcher", "allocate", "rate_shares"]
 log = logging.getLogger(__name__)
 
 #: A round runs at least this often, kicked or not (a lost kick costs at most this).
-POLL_S = 0.5
+POLL_S = 1
 #: Workers heartbeat this often; one silent for three beats no longer counts.
 HEARTBEAT_S = 2.0
 LOCK_TTL_MS = 3000
@@ -56,8 +57,10 @@ def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
     """Free slots of the window per campaign: weighted max-min fairness.
 
     Each slot goes to the campaign with the fewest batches in flight per unit of weight
-    (ties: the order given, oldest first), so a new campaign gets the next free slots and
-    weights 3:1 hold about 3:1 of the window while both have work.
+    (ties: the order given, oldest first), so weights 3:1 hold about 3:1 of the window
+    while both have work. A campaign with nothing in flight gets one batch even when the
+    window is full (workers keep room for one more), so it starts within a round instead
+    of waiting for a slot; its share of the rate then comes from the limiter at once.
     """
     free = window - sum(c.in_flight for c in campaigns)
     out = {c.campaign_id: 0 for c in campaigns}
@@ -73,6 +76,9 @@ def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
         free -= 1
         if out[c.campaign_id] < c.backlog:
             heapq.heappush(heap, ((c.in_flight + out[c.campaign_id] + 1) / c.weight, order, c))
+    for _, _, c in heap:  # a newcomer starts now, not when the window frees a slot
+        if c.in_flight == 0 and out[c.campaign_id] == 0:
+            out[c.campaign_id] = 1
     return out
 
 
@@ -112,6 +118,7 @@ class Dispatcher:
                     self.rt.redis, self.rt.store.keys.dispatcher_lock(), self.rt.token, LOCK_TTL_MS
                 ):
                     await self.round()
+                    # Whole seconds: Redis before 6 takes no fractional timeout.
                     await self.rt.redis.blpop([self.rt.store.keys.dispatch_kick()], timeout=POLL_S)
                 else:
                     await asyncio.sleep(HEARTBEAT_S / 2)
@@ -127,7 +134,7 @@ class Dispatcher:
         if now < self._next_beat:
             return
         self._next_beat = now + HEARTBEAT_S
-        member = f"{self.rt.token}|{self.settings.batches_per_process}"
+        member = f"{self.rt.token}|{self.rt.bulk_capacity}"
         await self.rt.redis.zadd(
             self.rt.store.keys.workers(), {member: int((now + 3 * HEARTBEAT_S) * 1000)}
         )
@@ -151,7 +158,11 @@ class Dispatcher:
         timeout_s = self.settings.dispatch_timeout
         ids = [c for c in await store.active_campaigns() if c != TRANSACTIONAL]
         campaigns = [await store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids]
-        grants = allocate(campaigns, await self.window())
+        spent = await self._quota_spent({c.profile for c in campaigns if c.backlog})
+        # A profile whose 24-hour quota is used up gets nothing: its batches would only
+        # turn into deferred follow-ups outside the window.
+        candidates = [replace(c, backlog=0) if c.profile in spent else c for c in campaigns]
+        grants = allocate(candidates, await self.window())
         handed = 0
         after = []
         for c in campaigns:
@@ -165,6 +176,18 @@ class Dispatcher:
         await self._share_rate(after)
         self.dispatched += handed
         return handed
+
+    async def _quota_spent(self, profiles: set[str]) -> set[str]:
+        spent = set()
+        for profile in profiles:
+            lane = self.rt.lanes.get(profile)
+            if lane is None:
+                continue
+            status = await lane.quota.status()
+            until = status.exhausted_until
+            if status.remaining == 0 or (until is not None and until > time.time()):
+                spent.add(profile)
+        return spent
 
     async def _share_rate(self, campaigns: Sequence[DispatchReply]) -> None:
         shares = rate_shares(campaigns)

@@ -66,6 +66,10 @@ class WorkerRuntime:
         self.templates: dict[str, Any] = {}
         self._sweeper_task: concurrent.futures.Future[None] | None = None
         self._dispatcher_task: concurrent.futures.Future[None] | None = None
+        #: Batches this process takes at once from bulk queues (0: it consumes none).
+        self.bulk_capacity = settings.batches_per_process
+        #: Threads publishing what finished batches left (joined at close).
+        self._publishers: set[threading.Thread] = set()
         #: Batches still running on the loop (a task may have stopped waiting for one).
         self._running: set[concurrent.futures.Future[Any]] = set()
 
@@ -99,6 +103,19 @@ class WorkerRuntime:
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         return future
+
+    def spawn_publisher(self, target: Callable[[], None]) -> None:
+        """Run blocking publishing off the loop; ``close()`` waits for it."""
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self._publishers.discard(thread)
+
+        thread = threading.Thread(target=run, name="ses-tasks-publish", daemon=True)
+        self._publishers.add(thread)
+        thread.start()
 
     def wait_for_room(self, limit: int, timeout_s: float) -> bool:
         """Wait until fewer than ``limit`` submitted batches run; False on timeout."""
@@ -157,6 +174,9 @@ class WorkerRuntime:
                 loop_task.cancel()
         if self._running:  # let batches still sending finish and record, within the lease
             concurrent.futures.wait(list(self._running), timeout=self.settings.claim_lease_s)
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        for thread in list(self._publishers):  # their follow-ups reach the broker
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
         async def _close() -> None:
             try:

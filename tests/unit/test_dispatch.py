@@ -34,6 +34,13 @@ def test_a_new_campaign_gets_the_next_free_slots():
     assert grants == {"big": 0, "new": 1}
 
 
+def test_a_small_weight_is_never_starved_even_by_a_full_window():
+    # Weight 10:1 with a window of 8: max-min alone would give b nothing, ever.
+    grants = allocate([camp("a", 8, 100, 10.0), camp("b", 0, 100, 1.0)], window=8)
+    assert grants == {"a": 0, "b": 1}  # b's share of the rate then comes from the limiter
+    assert allocate([camp("old", 1, 9), camp("new", 0, 9)], window=1) == {"old": 0, "new": 1}
+
+
 def test_free_slots_go_by_weight():
     grants = allocate([camp("a", 0, 100, 3.0), camp("b", 0, 100, 1.0)], window=8)
     assert grants == {"a": 6, "b": 2}

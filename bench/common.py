@@ -146,7 +146,7 @@ class RedisCpu:
     coarse for a run of a few seconds, kept as a cross-check). ``/proc`` is read only if that
     pid is a ``redis-server`` process here (Redis elsewhere, or in another pid namespace,
     gives None). Redis serves every client, so a reading includes any other client's load
-    in the interval; ``idle_cpu_ms_per_s`` helps to notice it.
+    in the interval; ``Ours``' ``redis_idle_cpu_ms_per_s`` helps to notice it.
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -198,13 +198,24 @@ class LeanSandbox(SandboxProcess):
             workdir,
             password=SANDBOX_PASSWORD,
             args=["--no-keep-data", "--latency-ms", str(latency_ms)],
-            log_path=Path(os.devnull),
+            # Its start and stop lines, and a traceback should it die mid-case.
+            log_path=workdir / f"sandbox-{uuid.uuid4().hex[:6]}.log",
             record=False,
         )
         self.latency_ms = latency_ms
 
     def cpu_s(self) -> float:
         return tree_cpu_s([self.pid])
+
+    def state(self) -> str:
+        code = self._process.poll() if self._process is not None else None
+        return "running" if code is None else f"exited with {code}"
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:] if self.log_path else ""
+        except OSError:
+            return ""
 
 
 @contextmanager

@@ -11,9 +11,10 @@
  * connections per process as everyone else.
  *
  * The config file (JSON) gives host, port, servername, ca_file, user, password, from,
- * subject / text / html templates ("{{ name }}", "{{ email }}"), connections, first (the
- * first recipient number), count (timed messages), in_flight (sendMail calls outstanding),
- * nodelay (optional, default false).
+ * subject / text / html templates ("{{ name }}", "{{ email }}": the I/O floor's message,
+ * here built by nodemailer as multipart/alternative), connections, first (recipient number
+ * for the warm-up), in_flight (sendMail calls outstanding in a run), nodelay (default
+ * false), warm_messages and warm_connections.
  *
  * TCP_NODELAY: nodemailer leaves Nagle's algorithm on (Python's asyncio, so aiosmtplib and
  * ours, turns it off). The end of DATA then waits for the server's delayed ACK, about 40 ms
@@ -22,18 +23,22 @@
  * connects (the "nodemailer-nodelay" baseline), to separate that stall from the rest.
  *
  * Phases:
- *   1. warm-up: 2 x connections messages (recipients warm<first+i>@example.com) queued at
- *      once, so the pool opens every connection (TCP, greeting, EHLO, STARTTLS, EHLO, AUTH)
- *      and the code paths are compiled; then prints "ready".
- *   2. waits for a line on stdin (the runner starts every process at the same moment).
- *   3. timed phase: `count` messages to user<first+i>@example.com, one recipient each,
- *      `in_flight` (>= connections) sendMail calls outstanding at any time, so the pool's
- *      queue always has a message for each connection that frees up.
- *   4. prints ONE JSON line: messages, seconds (start of the timed phase to the last send
- *      completion, as the I/O floor measures), msgs_per_s, cpu_s (process.cpuUsage() user +
- *      system over the timed phase), started / ended (Unix seconds, to merge processes),
- *      errors, message_bytes (one message as built), connections_open, nodemailer_version.
- * The pool is closed (QUIT) after the JSON line's numbers are taken.
+ *   1. V8 warm-up: a throwaway pool of warm_connections sends warm_messages (recipients
+ *      jit<n>@example.com) and is closed. V8 compiles in tiers and keeps optimising for
+ *      thousands of calls; without this the first runs measure its interpreter (about
+ *      2 ms of CPU per message at 20 ms latency, 10 connections, against 1.2 to 1.5 warm).
+ *   2. the measured pool (maxConnections = connections) sends 2 x connections messages
+ *      (warm<n>@example.com) queued at once, which opens every connection (TCP, greeting,
+ *      EHLO, STARTTLS, EHLO, AUTH); then prints "ready".
+ *   3. for each line "go <first> <count>" on stdin (the runner writes it to every process
+ *      at the same moment): `count` messages to user<first+i>@example.com, one recipient
+ *      each, `in_flight` (>= connections) sendMail calls outstanding at any time, so the
+ *      pool's queue always holds a message for each connection that frees up; then ONE
+ *      JSON line: messages, seconds (start of the run to the last send completion, as the
+ *      I/O floor measures), msgs_per_s, cpu_s (process.cpuUsage() user + system over the
+ *      run), started / ended (Unix seconds, to merge processes), errors, first_error,
+ *      message_bytes (one message as built), connections_open, nodemailer_version.
+ *   4. on EOF (or any other line) the pool is closed (QUIT) and the process exits.
  */
 
 const fs = require('fs');
@@ -97,7 +102,7 @@ async function sendAll(transporter, cfg, local, first, count, inFlight) {
 
 function messageBytes(cfg) {
     return new Promise((resolve) => {
-        new MailComposer(mailFor(cfg, 'user', cfg.first)).compile().build((err, buf) => {
+        new MailComposer(mailFor(cfg, 'user', 0)).compile().build((err, buf) => {
             resolve(err ? null : buf.length);
         });
     });
@@ -111,18 +116,6 @@ function forceNoDelay() {
         this.setNoDelay(true);
         return connect.apply(this, args);
     };
-}
-
-/** Build `count` messages in memory (no network): V8 compiles nodemailer's message paths. */
-async function buildWarmup(cfg, count) {
-    const builder = nodemailer.createTransport({ streamTransport: true, buffer: true });
-    for (let i = 0; i < count; i += 50) {
-        const batch = [];
-        for (let j = i; j < Math.min(count, i + 50); j++) {
-            batch.push(builder.sendMail(mailFor(cfg, 'build', j)));
-        }
-        await Promise.all(batch);
-    }
 }
 
 async function timedRun(transporter, cfg, first, count) {
@@ -148,9 +141,9 @@ async function main() {
     const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
     if (cfg.nodelay) forceNoDelay();
     const connections = cfg.connections;
-    const transporter = nodemailer.createTransport({
+    const options = (maxConnections) => ({
         pool: true,
-        maxConnections: connections,
+        maxConnections,
         maxMessages: Infinity,
         host: cfg.host,
         port: cfg.port,
@@ -160,7 +153,17 @@ async function main() {
         auth: { user: cfg.user, pass: cfg.password },
     });
 
-    await buildWarmup(cfg, cfg.build_warmup || 0);
+    // Warm V8: a throwaway pool with many connections sends warm_messages, so the code
+    // paths are compiled (V8 keeps optimising for thousands of calls) in seconds.
+    if (cfg.warm_messages) {
+        const warmPool = nodemailer.createTransport(options(cfg.warm_connections));
+        const w = cfg.warm_connections;
+        const res = await sendAll(warmPool, cfg, 'jit', cfg.first, cfg.warm_messages, 2 * w);
+        warmPool.close();
+        if (res.errors) throw new Error(`warm-up: ${res.errors} errors, first: ${res.firstError}`);
+    }
+    // Then the measured pool opens every one of its connections.
+    const transporter = nodemailer.createTransport(options(connections));
     const warmup = 2 * connections;
     const warm = await sendAll(transporter, cfg, 'warm', cfg.first, warmup, warmup);
     if (warm.errors) {

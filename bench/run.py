@@ -49,12 +49,7 @@ from .common import (
     median,
     note,
 )
-from .nodemailer import (
-    NodemailerUnavailable,
-    ensure_nodemailer,
-    floor_message_bytes,
-    run_nodemailer,
-)
+from .nodemailer import Nodemailer, NodemailerUnavailable, ensure_nodemailer, floor_message_bytes
 from .throughput import Ours, batch_size_for
 
 #: SES answers MAIL, RCPT, DATA and the end of data one at a time (no PIPELINING).
@@ -140,7 +135,14 @@ def throughput_case(
             processes=PROCESSES,
         ).start()  # fmt: skip
         recipe: Recipe | None = None
+        nodemailers: dict[str, Nodemailer] = {}
         try:
+            for kind in NODEMAILER_KINDS:
+                if kind in results:
+                    nodemailers[kind] = Nodemailer(
+                        sandbox, connections=connections, processes=PROCESSES,
+                        workdir=workdir, nodelay=kind.endswith("nodelay"),
+                    ).start()  # fmt: skip
             if "recipe" in results:
                 recipe = Recipe(
                     sandbox, redis_url=redis_url, workdir=workdir, connections=connections,
@@ -155,14 +157,8 @@ def throughput_case(
                                 count=count,
                             )
                         )  # fmt: skip
-                for kind in NODEMAILER_KINDS:
-                    if kind in results:
-                        results[kind].append(
-                            run_nodemailer(
-                                sandbox, connections=connections, processes=PROCESSES,
-                                count=count, workdir=workdir, nodelay=kind.endswith("nodelay"),
-                            )
-                        )  # fmt: skip
+                for kind, nodemailer in nodemailers.items():
+                    results[kind].append(nodemailer.run(count))
                 results["ours"].append(ours.run(count))
                 if recipe is not None:
                     results["recipe"].append(recipe.run(recipe_count))
@@ -171,9 +167,14 @@ def throughput_case(
                     + ", ".join(f"{k} {v[-1]['msgs_per_s']:.0f}/s" for k, v in results.items())
                     + f" (ours send phase {results['ours'][-1]['send_phase_msgs_per_s']:.0f}/s)"
                 )
+        except BaseException:
+            note(f"case failed; sandbox {sandbox.state()}; its log: {sandbox.log_tail()}")
+            raise
         finally:
             if recipe is not None:
                 recipe.stop()
+            for nodemailer in nodemailers.values():
+                nodemailer.stop()
             ours.stop()
     med = {kind: _medians(rs) for kind, rs in results.items()}
     case = {"latency_ms": latency_ms, "connections": connections}

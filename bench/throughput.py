@@ -6,11 +6,11 @@ Celery main process and its pool children) before and after the run.
 
 The send phase: the sandbox's fast mode keeps no per-message record, so it is read from the
 campaign status, polled every 20 ms: from the first poll that shows a message ``sent`` to
-the poll that shows every message final; its rate counts only the messages sent in between
-(``sent`` at the end minus ``sent`` at that first poll), so the poll interval shifts both
-ends alike instead of biasing the rate. It excludes the enqueue and the first chunk of
-outcomes (the pipeline filling up); the I/O floor's clock starts with its first send, so
-its rate includes one message time of fill (about 3% of a 2.5 s run at 20 ms latency).
+the poll that shows every message final. Its rate counts only the messages sent in between
+(``sent`` at the end minus ``sent`` at that first poll), so the poll lag, alike at both
+ends, does not bias it; it leaves out the enqueue, the claim and the first message's round
+trips. The I/O floor and nodemailer have exact timestamps and count messages / (first send
+to last completion); for a steady flow both are the same rate.
 
 Redis CPU: the server's CPU over the same interval as the worker CPU (``RedisCpu``), which
 includes the producer's enqueue and the status polls; ``redis_idle_cpu_ms_per_s`` is Redis's

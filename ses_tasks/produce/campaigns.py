@@ -105,17 +105,9 @@ class CampaignProducer:
                 },
             )
             published = counted = 0
-        self._last_kick = 0.0
-        self._profile = profile
-        self._campaign_id = campaign_id
+        storing = _Storing(self.store, campaign_id, profile, counted, progress)
         try:
-            self._enqueue(
-                campaign_id,
-                rows,
-                published_upto=published,
-                counted_upto=counted,
-                progress=progress,
-            )
+            storing.run(rows, self.settings.batch_size, published_upto=published)
         except RedisError as exc:
             raise SesTasksError(
                 f"campaign {campaign_id}: the status store failed while storing recipients "
@@ -123,7 +115,7 @@ class CampaignProducer:
                 f"--resume --id {campaign_id} ...` with the same options to continue"
             ) from exc
         status = self.store.finish_enqueue(campaign_id)
-        self._kick(force=True)
+        storing.kick(force=True)
         return status
 
     def _resume_point(self, campaign_id: str, template: dict[str, Any]) -> tuple[int, int]:
@@ -137,89 +129,11 @@ class CampaignProducer:
             )
         return self.store.enqueued_upto(campaign_id), status.total
 
-    def _enqueue(
-        self,
-        campaign_id: str,
-        rows: Iterable[Recipient | RowError],
-        *,
-        published_upto: int,
-        counted_upto: int,
-        progress: ProgressCallback | None,
-    ) -> int:
-        """Count, publish, then advance the watermark, a batch at a time.
-
-        Every row below the watermark is published (good rows) or recorded (bad rows), so
-        an interrupted run resumes exactly; rows below ``counted_upto`` are not counted twice.
-        """
-        size = self.settings.batch_size
-        seq = 0
-        batch: list[BatchItem] = []
-        bad: list[Transition] = []
-        for row in rows:
-            if seq >= published_upto:
-                if isinstance(row, Recipient):
-                    batch.append(BatchItem(seq, row.email, row.variables))
-                else:  # recorded again on resume (idempotent); counted once, below
-                    bad.append(
-                        Transition(
-                            f"{campaign_id}.{seq}",
-                            MessageState.FAILED,
-                            0,
-                            row.reason,
-                            row=[seq, row.email, {}, 0],
-                        )
-                    )
-            seq += 1
-            if len(batch) >= size or len(bad) >= size:
-                self._flush(campaign_id, batch, bad, seq, counted_upto, progress)
-                batch, bad = [], []
-        if batch or bad or seq > published_upto:
-            self._flush(campaign_id, batch, bad, seq, counted_upto, progress)
-        return seq
-
-    def _flush(
-        self,
-        campaign_id: str,
-        batch: list[BatchItem],
-        bad: list[Transition],
-        seq_end: int,
-        counted_upto: int,
-        progress: ProgressCallback | None,
-    ) -> None:
-        """Store one batch for the dispatcher and advance the watermark, in one step."""
-        new = sum(1 for item in batch if int(item.seq) >= counted_upto) + sum(
-            1 for t in bad if int(t.message_id.rsplit(".", 1)[1]) >= counted_upto
-        )
-        pipe = self.store.redis.pipeline(transaction=True)
-        if new:
-            self.store.add_queued(campaign_id, new, pipe)
-        if batch:
-            job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}", profile=self._profile)
-            entry = LedgerEntry(job.batch_id, job.payload())
-            self.store.store_batch(campaign_id, entry, int(batch[0].seq), pipe)
-        if not bad:
-            self.store.set_enqueued_upto(campaign_id, seq_end, pipe)
-        pipe.execute()
-        if bad:  # recorded, then counted as enqueued (recording again on resume is harmless)
-            self.store.finish(campaign_id, bad)
-            self.store.set_enqueued_upto(campaign_id, seq_end)
-        if batch:
-            self._kick()
-        if progress:
-            progress(len(batch) + len(bad))
-
     def _sender(self, profile: str) -> Settings:
         try:
             return self.settings.for_profile(profile)
         except ConfigurationError as exc:
             raise ValidationError("profile", exc.problem) from None
-
-    def _kick(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_kick >= KICK_EVERY_S:
-            self._last_kick = now
-            with contextlib.suppress(Exception):  # the dispatcher also polls
-                self.store.kick_dispatcher(self._campaign_id)
 
     def publish(self, campaign_id: str, entries: Sequence[LedgerEntry]) -> None:
         """Publish ledger entries; one that fails is left due for the sweeper."""
@@ -251,6 +165,89 @@ class CampaignProducer:
             settle=Settlement(follow_ups=[entry]),
         )
         self.publish(campaign_id, [entry])
+
+
+class _Storing:
+    """One ``send`` call's storing of rows, a batch at a time (one per call: thread-safe)."""
+
+    def __init__(
+        self,
+        store: StatusStore,
+        campaign_id: str,
+        profile: str,
+        counted_upto: int,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.store = store
+        self.campaign_id = campaign_id
+        self.profile = profile
+        #: Rows below this are already counted (a resumed run does not count them again).
+        self.counted_upto = counted_upto
+        self.progress = progress
+        self.last_kick = 0.0
+
+    def run(self, rows: Iterable[Recipient | RowError], size: int, *, published_upto: int) -> int:
+        """Store, count and advance the watermark, a batch at a time.
+
+        Every row below the watermark is stored (good rows) or recorded (bad rows), so an
+        interrupted run resumes exactly.
+        """
+        campaign_id = self.campaign_id
+        seq = 0
+        batch: list[BatchItem] = []
+        bad: list[Transition] = []
+        for row in rows:
+            if seq >= published_upto:
+                if isinstance(row, Recipient):
+                    batch.append(BatchItem(seq, row.email, row.variables))
+                else:  # recorded again on resume (idempotent); counted once, below
+                    bad.append(
+                        Transition(
+                            f"{campaign_id}.{seq}",
+                            MessageState.FAILED,
+                            0,
+                            row.reason,
+                            row=[seq, row.email, {}, 0],
+                        )
+                    )
+            seq += 1
+            if len(batch) >= size or len(bad) >= size:
+                self.flush(batch, bad, seq)
+                batch, bad = [], []
+        if batch or bad or seq > published_upto:
+            self.flush(batch, bad, seq)
+        return seq
+
+    def flush(self, batch: list[BatchItem], bad: list[Transition], seq_end: int) -> None:
+        """Store one batch for the dispatcher and advance the watermark, in one step."""
+        store, campaign_id = self.store, self.campaign_id
+        new = sum(1 for item in batch if int(item.seq) >= self.counted_upto) + sum(
+            1 for t in bad if int(t.message_id.rsplit(".", 1)[1]) >= self.counted_upto
+        )
+        pipe = store.redis.pipeline(transaction=True)
+        if new:
+            store.add_queued(campaign_id, new, pipe)
+        if batch:
+            job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}", profile=self.profile)
+            entry = LedgerEntry(job.batch_id, job.payload())
+            store.store_batch(campaign_id, entry, int(batch[0].seq), pipe)
+        if not bad:
+            store.set_enqueued_upto(campaign_id, seq_end, pipe)
+        pipe.execute()
+        if bad:  # recorded, then counted as enqueued (recording again on resume is harmless)
+            store.finish(campaign_id, bad)
+            store.set_enqueued_upto(campaign_id, seq_end)
+        if batch:
+            self.kick()
+        if self.progress:
+            self.progress(len(batch) + len(bad))
+
+    def kick(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_kick >= KICK_EVERY_S:
+            self.last_kick = now
+            with contextlib.suppress(Exception):  # the dispatcher also polls
+                self.store.kick_dispatcher(self.campaign_id)
 
 
 class CampaignControl:

@@ -77,7 +77,7 @@ local __FIRST_KEY = {}
 for _, c in ipairs({'expire', 'pexpire', 'pttl', 'ttl', 'get', 'set', 'incr', 'incrby',
     'hdel', 'hexists', 'hget', 'hgetall', 'hincrby', 'hlen', 'hmget', 'hset', 'hsetnx',
     'lindex', 'llen', 'lpop', 'lrange', 'rpush', 'lpush', 'sadd', 'srem', 'sismember',
-    'scard', 'zadd', 'zrem', 'zrangebyscore', 'zrange', 'zcard', 'zscore'}) do
+    'scard', 'zadd', 'zrem', 'zrangebyscore', 'zrange', 'zcard', 'zscore', 'zpopmin'}) do
   __FIRST_KEY[c] = true
 end
 local function __guard(cmd, ...)
@@ -338,9 +338,34 @@ def test_campaign_producer_send_on_a_cluster(
         assert status.counts["queued"] == 7 and status.counts["failed"] == 1
         assert status.state is CampaignState.RUNNING and status.enqueued_all
         assert_adds_up(status)
-        assert len(app.sent) == 3  # 7 good rows in batches of 3
-        assert store.ledger_size(cid) == 3
+        assert app.sent == []  # stored for the dispatcher, nothing published
+        assert store.ledger_size(cid) == 3 and store.backlog_size(cid) == 3
         assert [r.state for r in store.not_sent(cid)] == [MessageState.FAILED]
+
+
+def test_the_dispatcher_takes_stored_batches_on_a_cluster(
+    cluster: LocalCluster, store: StatusStore, rc: redis.RedisCluster, prefix: str
+) -> None:
+    settings = Settings(batch_size=3, key_prefix=prefix, username="u", password="p")
+    producer = CampaignProducer(settings, store, StubCelery())  # type: ignore[arg-type]
+    template = CampaignTemplate(from_="a@example.com", subject="Hi", text="Hello")
+    ids = spread_ids(rc, store.keys, "disp", 2)
+    for cid in ids:
+        producer.send(template, [f"u{i}@example.com" for i in range(7)], campaign_id=cid)
+
+    async def take() -> None:
+        async with async_store(cluster, prefix) as astore:
+            assert_guarded(astore._dispatch)
+            for cid in ids:
+                reply = await astore.dispatch(cid, 2, unclaimed_after_s=60)
+                assert [e.batch_id for e in reply.taken] == ["b0", "b3"]
+                assert (reply.in_flight, reply.backlog) == (2, 1)
+                await astore.kick_dispatcher()
+            assert set(await astore.active_campaigns()) >= set(ids)
+
+    asyncio.run(take())
+    for cid in ids:
+        assert store.in_flight(cid) == 2 and store.backlog_size(cid) == 1
 
 
 # The worker's life cycle ------------------------------------------------------------------

@@ -133,9 +133,9 @@ def test_an_unknown_profile_is_named_with_the_known_ones(monkeypatch):
 def test_profile_names_and_fields_are_checked(monkeypatch):
     with pytest.raises(ConfigurationError, match="profile name"):
         load_settings(profiles={"Bad Name": {}})
-    with pytest.raises(ConfigurationError, match="(?i)profiles.eu.max_send_rate"):
+    with pytest.raises(ConfigurationError, match=r"(?i)profiles.eu.max_send_rate"):
         load_settings(profiles={"eu": {"max_send_rate": 0}})
-    with pytest.raises(ConfigurationError, match="(?i)colour"):
+    with pytest.raises(ConfigurationError, match=r"(?i)colour"):
         load_settings(profiles={"eu": {"colour": "red"}})
 
 

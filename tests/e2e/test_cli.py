@@ -279,3 +279,50 @@ def test_campaign_send_wait_stops_when_the_endpoint_pauses_the_campaign(make_pip
     assert status["state"] == "paused" and status["deferred"] == 30
     assert result.stderr.strip().startswith("ses-tasks: error: campaign paused-wait is paused:")
     assert "535" in result.stderr
+
+
+def test_campaign_list_shows_weight_share_and_eta_and_weight_changes_it(
+    make_pipeline, tmp_path: Path
+):
+    """No workers: both campaigns stay stored, so their shares and ETAs are steady."""
+    pipeline = make_pipeline("tls", SES_TASKS_MAX_SEND_RATE="20")
+    recipients = write_csv(tmp_path / "r.csv", [{"email": f"r{i}@example.com"} for i in range(300)])
+    (tmp_path / "body.txt").write_text("Hi")
+    common = ["--from", "news@example.com", "--subject", "Hi", "--text", str(tmp_path / "body.txt")]
+    for cid, weight in (("heavy", "3"), ("light", "1")):
+        sent = run(
+            [
+                "campaign",
+                "send",
+                *common,
+                "--recipients",
+                str(recipients),
+                "--id",
+                cid,
+                "--weight",
+                weight,
+            ],
+            env=pipeline.env,
+        )
+        assert sent.returncode == 0, sent.stderr
+    listed = run(["campaign", "list", "--json"], env=pipeline.env)
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["id"]: r for r in json.loads(listed.stdout)}
+    assert set(rows) == {"heavy", "light"}
+    assert (rows["heavy"]["weight"], rows["heavy"]["share"]) == (3.0, 0.75)
+    assert rows["light"]["share"] == 0.25 and rows["light"]["rate_per_s"] == 5.0
+    assert rows["light"]["eta_s"] == 60.0  # 300 open at 5/s
+    assert rows["heavy"]["eta_s"] == 20.0 and rows["heavy"]["stored_batches"] == 6
+    table = run(["campaign", "list"], env=pipeline.env)
+    assert "heavy" in table.stdout and "75%" in table.stdout and "60 s" in table.stdout
+    assert run(["campaign", "weight", "light", "3"], env=pipeline.env).returncode == 0
+    status = json.loads(run(["campaign", "status", "light", "--json"], env=pipeline.env).stdout)
+    assert (status["weight"], status["share"], status["eta_s"]) == (3.0, 0.5, 30.0)
+    bad = run(["campaign", "weight", "light", "0"], env=pipeline.env)
+    assert bad.returncode != 0 and "weight" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = run(
+        ["campaign", "send", *common, "--recipients", str(recipients), "--profile", "nope"],
+        env=pipeline.env,
+    )
+    assert unknown.returncode != 0 and "profile" in unknown.stderr
+    assert "Traceback" not in unknown.stderr

@@ -1,9 +1,10 @@
 """A 1,000,000-recipient campaign from the producer's side: time to enqueue from a CSV file,
 the producer's peak RSS, and the campaign status query time at that size.
 
-No workers run: the batches stay in the broker queue. Everything (status keys and the
-broker's queue) lives under a fresh ``SES_TASKS_KEY_PREFIX`` and is deleted at the end.
-The producer runs in its own process so its peak RSS is its own.
+No workers run: the batches stay stored in Redis for the dispatcher, and the broker holds
+none (``broker_tasks``); ``redis_mb`` is what the stored campaign adds to Redis's memory.
+Everything lives under a fresh ``SES_TASKS_KEY_PREFIX`` and is deleted at the end. The
+producer runs in its own process so its peak RSS is its own.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def run(*, redis_url: str, workdir: Path, count: int, queries: int = 200) -> dic
         note(f"writing {count:,} recipients to {csv_path}")
         write_csv(csv_path, count)
     prefix = new_prefix("million")
+    memory_before = int(client.info("memory")["used_memory"])
     try:
         out = subprocess.run(
             [
@@ -107,6 +109,7 @@ def run(*, redis_url: str, workdir: Path, count: int, queries: int = 200) -> dic
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         broker_len = client.llen(f"{prefix}:broker:ses.starttls")
         result["broker_tasks"] = broker_len
+        result["redis_mb"] = (int(client.info("memory")["used_memory"]) - memory_before) / 2**20
     finally:
         deleted = delete_prefix(client, prefix)
         note(f"million: deleted {deleted} keys under {prefix}")

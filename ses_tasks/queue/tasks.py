@@ -200,7 +200,7 @@ def send_batch(
         except Exception as exc:  # cosmetic: never fail a batch for it
             log.debug("could not store the SENDING state: %s", exc)
     try:
-        report = _run(runtime, job, overlap=True)
+        report = _run(runtime, job, overlap=bool(items))
     except StoreUnavailableError as exc:
         _again(self, job, runtime, exc, STORE_DOWN_RETRY_S)
         return {"campaign_id": campaign_id, "sent": 0, "retried": True}

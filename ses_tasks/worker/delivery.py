@@ -821,7 +821,7 @@ class _Run:
                 case _:
                     delay, why = policy.backoff_s(attempts), f"transient failure #{attempts}"
             entries.append(self._follow_up(items, delay, why))
-        if self.busy:
+        if self.busy and not job.batch_id:  # with an entry, the entry itself covers them
             wait_s = max(after for _, after in self.busy) + 1.0
             entries.append(
                 self._follow_up([i for i, _ in self.busy], wait_s, "held by another worker")
@@ -832,8 +832,9 @@ class _Run:
         settle = Settlement(
             token=self.token,
             release=release,
-            # A copy that found messages held by another run leaves the entry to that run:
-            # removing it would free the live batch's ledger entry (and its credit).
+            # A copy that found messages held by another run leaves the entry to that run
+            # (removing it would free a live batch's entry and its dispatch credit). If
+            # that run dies, the entry comes due after its lease and is swept.
             done_batch=job.batch_id if done and not self.busy else "",
             follow_ups=entries,
         )

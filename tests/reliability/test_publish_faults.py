@@ -1,8 +1,10 @@
 """Publishing that cannot lose a message: the broker refuses the producer's publish.
 
-The message (or batch) is in the ledger before it is published, so the fleet's sweeper
+A single message is in the ledger before it is published, so the fleet's sweeper
 publishes it; a caller retrying with the same idempotency key publishes it again while it
-is still queued, and nothing twice.
+is still queued, and nothing twice. A campaign does not need the broker at all to be
+stored: the dispatcher publishes its batches (its own publish failures are in the fault
+matrix, site "follow-up publish", which matches every publish a worker makes).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from ses_tasks.errors import SesTasksError
 from ses_tasks.produce.client import SesTasks
 from ses_tasks.queue.app import create_app
 from ses_tasks.sandbox.embedded import free_port, wait_for
@@ -82,29 +83,21 @@ def test_a_retry_with_the_same_key_publishes_again_and_sends_once(make_pipeline)
     assert delivered["retry@example.com"] == 1
 
 
-def test_a_campaign_batch_whose_publish_fails_is_kept_and_swept(make_pipeline, tmp_path):
+def test_a_campaign_needs_no_broker_to_be_stored_and_is_sent_later(make_pipeline, tmp_path):
+    """Producers store batches in Redis; the fleet's dispatcher publishes them."""
     pipeline = make_pipeline("tls", SES_TASKS_SWEEP_INTERVAL_S="0.5")
     broken = _unreachable_broker_client(pipeline)
-    with pytest.raises(SesTasksError, match="nothing is lost"):
-        broken.send_campaign(
-            from_="news@example.com",
-            subject="Hi",
-            text="Hello",
-            recipients=[f"b{i}@example.com" for i in range(30)],
-            campaign_id="refused",
-        )
-    client = pipeline.client
-    assert client.store.ledger_size("refused") == 1  # the first batch, due now
-    pipeline.start_worker(concurrency=1)
-    # The sweeper publishes the refused batch; resume publishes the rest.
-    status = client.send_campaign(
+    status = broken.send_campaign(
         from_="news@example.com",
         subject="Hi",
         text="Hello",
         recipients=[f"b{i}@example.com" for i in range(30)],
-        campaign_id="refused",
-        resume=True,
+        campaign_id="stored",
     )
+    assert status.total == 30 and status.enqueued_all
+    client = pipeline.client
+    assert client.store.ledger_size("stored") == 1 and client.store.backlog_size("stored") == 1
+    pipeline.start_worker(concurrency=1)
     final = pipeline.wait_done(status.id, timeout_s=60)
     assert final.counts["sent"] == 30
     pipeline.sandbox.stop()

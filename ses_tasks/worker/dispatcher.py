@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 POLL_S = 1
 #: Workers heartbeat this often; one silent for three beats no longer counts.
 HEARTBEAT_S = 2.0
+#: How often the kick list is polled when the Redis socket timeout is too short to block.
+KICK_POLL_S = 0.1
 LOCK_TTL_MS = 3000
 #: Campaigns that take batches (a cancelled one takes them to record them cancelled).
 TAKING = frozenset({CampaignState.ENQUEUEING, CampaignState.RUNNING, CampaignState.CANCELLED})
@@ -118,8 +120,7 @@ class Dispatcher:
                     self.rt.redis, self.rt.store.keys.dispatcher_lock(), self.rt.token, LOCK_TTL_MS
                 ):
                     await self.round()
-                    # Whole seconds: Redis before 6 takes no fractional timeout.
-                    await self.rt.redis.blpop([self.rt.store.keys.dispatch_kick()], timeout=POLL_S)
+                    await self._wait_for_kick()
                 else:
                     await asyncio.sleep(HEARTBEAT_S / 2)
             except STORE_ERRORS as exc:
@@ -128,6 +129,17 @@ class Dispatcher:
             except Exception:  # the fleet's only dispatcher must outlive any bug in a round
                 log.exception("dispatch round failed")
                 await asyncio.sleep(POLL_S)
+
+    async def _wait_for_kick(self) -> None:
+        key = self.rt.store.keys.dispatch_kick()
+        if self.settings.redis_socket_timeout_s > POLL_S + 0.5:
+            # Whole seconds: Redis before 6 takes no fractional timeout.
+            await self.rt.redis.blpop([key], timeout=POLL_S)
+            return
+        # A socket timeout too short to block on: poll instead.
+        deadline = time.monotonic() + POLL_S
+        while time.monotonic() < deadline and not await self.rt.redis.lpop(key):
+            await asyncio.sleep(KICK_POLL_S)
 
     async def _heartbeat(self) -> None:
         now = time.time()
@@ -157,7 +169,9 @@ class Dispatcher:
         store = self.rt.store
         timeout_s = self.settings.dispatch_timeout
         ids = [c for c in await store.active_campaigns() if c != TRANSACTIONAL]
-        campaigns = [await store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids]
+        campaigns = list(
+            await asyncio.gather(*(store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids))
+        )
         spent = await self._quota_spent({c.profile for c in campaigns if c.backlog})
         # A profile whose 24-hour quota is used up gets nothing: its batches would only
         # turn into deferred follow-ups outside the window.

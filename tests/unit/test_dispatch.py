@@ -200,3 +200,74 @@ def test_stale_shares_hold_nobody_back():
     asyncio.run(lim.set_shares({}))  # and clearing removes the campaign fields
     fields = asyncio.run(lim._redis.hkeys(lim.key))
     assert not [f for f in fields if f.startswith((b"s:", b"c:"))]
+
+
+# A whole round, on fakeredis -------------------------------------------------------------
+
+
+class FakeRuntime:
+    """What the dispatcher uses of a worker process: Redis, the store, lanes, settings."""
+
+    def __init__(self, server: fakeredis.FakeServer, **settings: Any) -> None:
+        from ses_tasks.config import Settings
+        from ses_tasks.worker.lanes import Lane
+
+        self.settings = Settings(host="localhost", port=465, key_prefix="t", **settings)
+        self.redis = fakeredis.FakeAsyncRedis(server=server)
+        self.store = AsyncStatusStore(self.redis, key_prefix="t")
+        self.token = "proc-1"
+        self.bulk_capacity = 2
+        self.lanes = {
+            name: Lane(name, self.settings.for_profile(name), self.redis, None)
+            for name in ["", *self.settings.profiles]
+        }
+        self.limiter = self.lanes[""].limiter
+
+
+def round_with(rt: FakeRuntime) -> list[Any]:
+    from ses_tasks.worker.dispatcher import Dispatcher
+
+    published: list[Any] = []
+
+    async def main() -> None:
+        dispatcher = Dispatcher(rt, published.append)  # type: ignore[arg-type]
+        await dispatcher._heartbeat()
+        await dispatcher.round()
+
+    asyncio.run(main())
+    return published
+
+
+def test_a_round_fills_the_window_fairly_and_splits_the_rate():
+    server = fakeredis.FakeServer()
+    sync = StatusStore(fakeredis.FakeRedis(server=server), key_prefix="t")
+    stored_campaign(sync, "big", 10)
+    rt = FakeRuntime(server)
+    first = round_with(rt)  # one worker process of capacity 2: a window of 2
+    assert [(j.campaign_id, j.batch_id) for j in first] == [("big", "b0"), ("big", "b2")]
+    stored_campaign(sync, "new", 3)
+    second = round_with(rt)  # the window is full, but a newcomer starts at once
+    assert [(j.campaign_id, j.batch_id) for j in second] == [("new", "b0")]
+    shares = asyncio.run(rt.redis.hgetall(rt.limiter.key))
+    assert shares[b"s:big"] == shares[b"s:new"] == b"0.5"
+    # Settling frees credits; the free slot goes to the campaign furthest below its share
+    # (big: none in flight now, new: one).
+    sync.finish("big", [], settle=Settlement(done_batch="b0"))
+    sync.finish("big", [], settle=Settlement(done_batch="b2"))
+    third = round_with(rt)
+    assert [(j.campaign_id, j.batch_id) for j in third] == [("big", "b4")]
+
+
+def test_a_profile_with_its_quota_used_up_gets_no_batches():
+    server = fakeredis.FakeServer()
+    sync = StatusStore(fakeredis.FakeRedis(server=server), key_prefix="t")
+    rt = FakeRuntime(server, profiles={"eu": {"max_24h_send": 10}})
+    sync.create_campaign("eu1", meta={"profile": "eu"})
+    pipe = sync.redis.pipeline(transaction=True)
+    sync.store_batch("eu1", LedgerEntry("b0", {"items": [], "profile": "eu"}), 0, pipe)
+    pipe.execute()
+    stored_campaign(sync, "home", 2)
+    asyncio.run(rt.lanes["eu"].quota.try_consume(10))  # the day's quota, all used
+    published = round_with(rt)
+    assert {j.campaign_id for j in published} == {"home"}
+    assert sync.backlog_size("eu1") == 1

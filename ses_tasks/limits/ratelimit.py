@@ -86,6 +86,7 @@ __all__ = [
     "LimiterUnavailableError",
     "Priority",
     "RateLimitWaitExceeded",
+    "YieldRequested",
     "load_lua",
 ]
 
@@ -139,6 +140,10 @@ class Priority(StrEnum):
 
 class LimiterUnavailableError(SesTasksError, ConnectionError):
     """Redis could not be reached or refused a limiter script; nothing was reserved."""
+
+
+class YieldRequested(SesTasksError):
+    """The dispatcher asked this batch to stop and hand its rest back (nothing reserved)."""
 
 
 class RateLimitWaitExceeded(SesTasksError, TimeoutError):
@@ -425,6 +430,8 @@ class FleetRateLimiter:
             grant = self._grant(
                 await self._call("acquire", self._acquire_args(n, priority, left, mode, campaign))
             )
+            if grant.status == "yield":
+                raise YieldRequested(f"campaign {campaign} asked to make room")
             if grant.status == "long":
                 raise RateLimitWaitExceeded(
                     grant.wait_s + time.monotonic() - start, cast(float, max_wait_s)
@@ -458,6 +465,15 @@ class FleetRateLimiter:
         for campaign, share in shares.items():
             args += [campaign, repr(float(share))]
         await self._call("shares", args)
+
+    async def request_yield(self, campaign: str) -> None:
+        """Ask one running batch of ``campaign`` to stop at its next chunk and hand the rest
+        back (its next bulk ``acquire`` raises ``YieldRequested``)."""
+        self.round_trips += 1
+        try:
+            await self._redis.hset(self.key, f"y:{campaign}", 1)
+        except redis_sync.RedisError as exc:
+            raise self._unavailable(exc) from exc
 
     async def on_throttle(self) -> float:
         """SES said 454 Maximum sending rate exceeded: slow the fleet; returns the new rate."""

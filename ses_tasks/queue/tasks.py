@@ -3,13 +3,12 @@
 A batch task runs ``delivery.deliver`` and publishes the follow-up batches it returns
 (already in the ledger, so a failed publish is swept later, never lost). It hands the
 batch to the process's event loop and returns as soon as the process has room for another
-(``BATCHES_PER_PROCESS``, plus one place a new campaign's first batch may take): several
-batches share the process's connections, so none idles while one batch waits for its last
-replies. The batch settles on the loop; a crash meanwhile is covered by the ledger like
-any other (the sweeper takes the batch over after its lease). The single-message
-task is a batch of one at transactional priority; its task id is the message id, and it
-ends in Celery's RETRY state while a follow-up is pending, so ``AsyncResult.get()`` waits
-for the final record.
+(``BATCHES_PER_PROCESS``): several batches share the process's connections, so none idles
+while one batch waits for its last replies. The batch settles on the loop; a crash
+meanwhile is covered by the ledger like any other (the sweeper takes the batch over after
+its lease). The single-message task is a batch of one at transactional priority; its task
+id is the message id, and it ends in Celery's RETRY state while a follow-up is pending, so
+``AsyncResult.get()`` waits for the final record.
 """
 
 from __future__ import annotations
@@ -140,10 +139,10 @@ def _run(runtime: WorkerRuntime, job: BatchJob, *, overlap: bool = False) -> Bat
     runtime.lane(job.profile)  # ConfigurationError before anything starts
     with logs.log_context(campaign_id=job.campaign_id):
         future = runtime.submit(_deliver(runtime, job))
-        if overlap and runtime.wait_for_room(runtime.settings.batches_per_process + 1, timeout_s):
-            # Room for one more than BATCHES_PER_PROCESS: the dispatcher fills the window
-            # to BATCHES_PER_PROCESS per process, and a new campaign's first batch starts
-            # at once in the extra place.
+        if overlap and runtime.wait_for_room(runtime.settings.batches_per_process, timeout_s):
+            # The child takes another task only while its process runs fewer than
+            # BATCHES_PER_PROCESS batches, so the broker's tasks spread evenly over the
+            # processes (a free child is a process with room).
             if not future.done():
                 future.add_done_callback(lambda f: _later(runtime, job, f))
                 raise _StillRunning

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from ses_tasks.errors import SesTasksError, ValidationError
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.quota import QuotaDecision, QuotaUnavailableError
-from ses_tasks.limits.ratelimit import LimiterUnavailableError, Priority
+from ses_tasks.limits.ratelimit import LimiterUnavailableError, Priority, YieldRequested
 from ses_tasks.message.spec import CampaignTemplate, MessageSpec, RenderedMessage, render_message
 from ses_tasks.ops.observe import observers
 from ses_tasks.smtp.replies import SendResult
@@ -428,6 +428,7 @@ class _Run:
         self.fatal_items: list[BatchItem] = []
         self.quota_retry_s: float | None = None
         self.store_down = False
+        self.yielded = False
         self.throttled = False
 
     # Claim and render -------------------------------------------------------------------
@@ -699,7 +700,12 @@ class _Run:
             return True
         if self.campaign_state is CampaignState.PAUSED:
             return True  # a paused transactional campaign defers its messages
-        return bool(self.fatal_reason) or self.quota_retry_s is not None or self.store_down
+        return (
+            bool(self.fatal_reason)
+            or self.quota_retry_s is not None
+            or self.store_down
+            or self.yielded
+        )
 
     async def _take_tokens(self, weight: int, priority: Priority) -> bool:
         rt, s = self.rt, self.rt.settings
@@ -720,6 +726,13 @@ class _Run:
         except StoreUnavailableError as exc:
             log.warning("%s; handing the rest of the batch back", exc)
             self.store_down = True
+            return False
+        except YieldRequested:
+            # A new campaign needs a worker: hand the rest back to a follow-up batch.
+            log.info("batch of %s makes room for a new campaign", self.job.campaign_id)
+            await self._give_back_quota(weight)
+            self.yielded = True
+            self.report.stopped = "yield"
             return False
         for observer in observers:
             observer.limiter_wait(waited_s, priority=priority.value)

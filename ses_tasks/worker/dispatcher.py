@@ -61,8 +61,10 @@ def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
     Each slot goes to the campaign with the fewest batches in flight per unit of weight
     (ties: the order given, oldest first), so weights 3:1 hold about 3:1 of the window
     while both have work. A campaign with nothing in flight gets one batch even when the
-    window is full (workers keep room for one more), so it starts within a round instead
-    of waiting for a slot; its share of the rate then comes from the limiter at once.
+    window is full; the dispatcher then asks a batch of the campaign most over its share
+    to hand its rest back (``Dispatcher._make_room``), so the newcomer starts within a
+    chunk instead of waiting for a batch to end. Its share of the rate then comes from the
+    limiter at once.
     """
     free = window - sum(c.in_flight for c in campaigns)
     out = {c.campaign_id: 0 for c in campaigns}
@@ -176,7 +178,9 @@ class Dispatcher:
         # A profile whose 24-hour quota is used up gets nothing: its batches would only
         # turn into deferred follow-ups outside the window.
         candidates = [replace(c, backlog=0) if c.profile in spent else c for c in campaigns]
-        grants = allocate(candidates, await self.window())
+        window = await self.window()
+        grants = allocate(candidates, window)
+        await self._make_room(campaigns, grants, window)
         handed = 0
         after = []
         for c in campaigns:
@@ -190,6 +194,28 @@ class Dispatcher:
         await self._share_rate(after)
         self.dispatched += handed
         return handed
+
+    async def _make_room(
+        self, campaigns: Sequence[DispatchReply], grants: dict[str, int], window: int
+    ) -> None:
+        """Newcomers granted past a full window: ask the campaigns most over their share
+        to hand back one batch each, so the newcomer's batch finds a free worker now."""
+        over = sum(grants.values()) - max(0, window - sum(c.in_flight for c in campaigns))
+        if over <= 0:
+            return
+        running = sorted(
+            (
+                c
+                for c in campaigns
+                if c.state in SENDING and c.in_flight > 1 and not grants[c.campaign_id]
+            ),
+            key=lambda c: c.in_flight / c.weight,
+            reverse=True,
+        )
+        for c in running[:over]:
+            lane = self.rt.lanes.get(c.profile)
+            if lane is not None:
+                await lane.limiter.request_yield(c.campaign_id)
 
     async def _quota_spent(self, profiles: set[str]) -> set[str]:
         spent = set()

@@ -21,7 +21,7 @@ from redis.exceptions import NoPermissionError, ReadOnlyError, RedisError, Respo
 
 from ses_tasks.config import Settings
 from ses_tasks.limits.quota import QuotaDecision
-from ses_tasks.limits.ratelimit import Priority
+from ses_tasks.limits.ratelimit import Priority, YieldRequested
 from ses_tasks.message.spec import CampaignTemplate
 from ses_tasks.smtp.replies import SendResult
 from ses_tasks.states import CampaignState, MessageState, Outcome
@@ -100,10 +100,16 @@ class FakePool:
 @dataclass
 class FakeLimiter:
     throttles: int = 0
+    #: Raise YieldRequested at this acquire (1-based), as the dispatcher's request would.
+    yield_at: int | None = None
+    acquires: int = 0
 
     async def acquire(
         self, n: int, *, priority: Priority = Priority.BULK, campaign: str = ""
     ) -> float:
+        self.acquires += 1
+        if self.acquires == self.yield_at:
+            raise YieldRequested("make room")
         return 0.0
 
     async def on_throttle(self) -> float:
@@ -457,3 +463,17 @@ def test_a_send_that_raises_is_unknown_and_the_rest_of_its_chunk_is_recorded(ser
     assert ledger(server) == set() and not report.follow_ups
     run(rt, job)  # a late copy sends nothing again
     assert set(rt.pool.sent.values()) == {1} and sum(rt.pool.sent.values()) == 7
+
+
+def test_a_batch_asked_to_make_room_hands_the_rest_back_and_gives_back_its_quota(server):
+    job = new_campaign(server, 10)
+    rt = make_runtime(server, pool_size=4)  # chunks of 4
+    rt.limiter.yield_at = 2
+    report = run(rt, job)
+    assert report.stopped == "yield" and report.sent == 4
+    (follow_up,) = report.follow_ups
+    assert [i.seq for i in follow_up.job.items] == list(range(4, 10))
+    assert follow_up.why == "handed back"
+    assert counts(server) == {"sent": 4, "queued": 6}
+    assert ledger(server) == {follow_up.job.batch_id}
+    assert rt.quota.released == 4  # the refused chunk's units went back

@@ -271,3 +271,36 @@ def test_a_profile_with_its_quota_used_up_gets_no_batches():
     published = round_with(rt)
     assert {j.campaign_id for j in published} == {"home"}
     assert sync.backlog_size("eu1") == 1
+
+
+def test_a_yield_request_stops_one_batch_of_that_campaign_once():
+    from ses_tasks.limits.ratelimit import YieldRequested
+
+    clock = Clock()
+    lim = limiter(clock)
+
+    async def main() -> None:
+        await lim.request_yield("big")
+        await lim.acquire(10, campaign="other")  # another campaign: not asked
+        await lim.acquire(10, campaign="big", priority=Priority.TRANSACTIONAL)  # never
+        try:
+            await lim.acquire(10, campaign="big")
+        except YieldRequested:
+            pass
+        else:
+            raise AssertionError("the yield request was not delivered")
+        await lim.acquire(10, campaign="big")  # once: the next one goes on
+
+    asyncio.run(main())
+
+
+def test_a_newcomer_past_a_full_window_asks_the_biggest_campaign_to_make_room():
+    server = fakeredis.FakeServer()
+    sync = StatusStore(fakeredis.FakeRedis(server=server), key_prefix="t")
+    stored_campaign(sync, "big", 10)
+    rt = FakeRuntime(server)
+    round_with(rt)  # big fills the window of 2
+    stored_campaign(sync, "new", 3)
+    assert [j.campaign_id for j in round_with(rt)] == ["new"]
+    fields = asyncio.run(rt.redis.hgetall(rt.limiter.key))
+    assert fields[b"y:big"] == b"1" and b"y:new" not in fields

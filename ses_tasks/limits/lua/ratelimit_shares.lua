@@ -1,13 +1,13 @@
 -- The dispatcher's view of who sends: each campaign's share of the rate (see acquire).
 -- KEYS[1] limiter hash; ARGV[1] now_us override, ARGV[2] key ttl ms, then pairs
--- campaign, share. Fields of campaigns no longer sending are dropped.
+-- campaign, share. Fields of campaigns no longer sending are dropped (yield requests too).
 local key = KEYS[1]
 local now = server_now_us(ARGV[1])
 local keep = {}
 for i = 3, #ARGV, 2 do keep[ARGV[i]] = ARGV[i + 1] end
 for _, name in ipairs(redis.call('HKEYS', key)) do
   local kind, campaign = string.sub(name, 1, 2), string.sub(name, 3)
-  if (kind == 's:' or kind == 'c:') and keep[campaign] == nil then
+  if (kind == 's:' or kind == 'c:' or kind == 'y:') and keep[campaign] == nil then
     redis.call('HDEL', key, name)
   end
 end

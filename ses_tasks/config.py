@@ -234,6 +234,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_endpoint(self) -> Settings:
         self.endpoint  # noqa: B018 - validate host/port/mode together, once
+        for name in self.profiles:  # each profile's endpoint (and failover) too
+            try:
+                self.for_profile(name).endpoint  # noqa: B018
+                failover = self.failover_for(name)
+                if failover is not None:
+                    failover.endpoint  # noqa: B018
+            except ConfigurationError as exc:
+                raise ValueError(f"profile {name!r}: {exc}") from None
+            except ValueError as exc:
+                raise ValueError(f"profile {name!r}: {exc}") from None
         if self.visibility_timeout_s <= self.retry_max_s:
             raise ValueError(
                 f"VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed RETRY_MAX_S "
@@ -287,11 +297,19 @@ class Settings(BaseSettings):
             raise ConfigurationError("profile", f"no profile {name!r} (profiles: {known})")
         update = {f: getattr(profile, f) for f in PROFILE_FIELDS}
         update = {f: v for f, v in update.items() if v is not None}
-        if "password" in update or "secret_access_key" in update:  # its own credentials
+        own_credentials = "password" in update or "secret_access_key" in update
+        if own_credentials or "host" in update or "username" in update:
+            # Another account or endpoint: never the fleet's credentials.
             update.setdefault("password", None)
             update.setdefault("secret_access_key", None)
+        elif "region" in update:
+            # The same account in another region: an SMTP password is per region, so only
+            # a secret access key (derived per region) carries over.
+            update.setdefault("password", None)
         if "region" in update and "host" not in update:  # the region's SES endpoint
             update["host"] = None
+        if "host" in update or "region" in update:
+            update.setdefault("tls_server_name", None)
         data = {**self.model_dump(exclude={"profiles"}), **update, "profiles": {}}
         return Settings.model_construct(**data)
 
@@ -304,8 +322,15 @@ class Settings(BaseSettings):
         data = primary.model_dump()
         data["region"] = profile.failover_region or primary.region
         data["host"] = profile.failover_host
+        data["tls_server_name"] = None
         if profile.failover_port:
             data["port"] = profile.failover_port
+        if data["region"] != primary.region and data["secret_access_key"] is None:
+            raise ConfigurationError(
+                f"profiles.{name}.failover_region",
+                "needs SECRET_ACCESS_KEY (the SMTP password is derived per region; a "
+                "password given directly only works in its own region)",
+            )
         return Settings.model_construct(**data)
 
     @property

@@ -104,6 +104,9 @@ DEFAULT_RECOVER_SHARE_PER_S = 0.05
 DEFAULT_THROTTLE_GUARD_S = 1.0
 #: Recovery is applied in steps of this length (one log line per step at most).
 DEFAULT_RECOVER_INTERVAL_S = 1.0
+#: A yield request nobody answers within this long (no batch of that campaign asked for
+#: tokens) is dropped, so it never stops an unrelated later batch.
+YIELD_STANDS_S = 5.0
 #: Minimum life of the limiter's key once idle (it keeps the adaptive factor).
 MIN_STATE_TTL_S = 60.0
 
@@ -197,7 +200,7 @@ class FleetRateLimiter:
     limiter keeps working after a Redis restart or ``SCRIPT FLUSH``.
     """
 
-    _script_names = ("acquire", "refund", "throttle", "status", "shares")
+    _script_names = ("acquire", "refund", "throttle", "status", "shares", "yield")
 
     def __init__(
         self,
@@ -469,11 +472,8 @@ class FleetRateLimiter:
     async def request_yield(self, campaign: str) -> None:
         """Ask one running batch of ``campaign`` to stop at its next chunk and hand the rest
         back (its next bulk ``acquire`` raises ``YieldRequested``)."""
-        self.round_trips += 1
-        try:
-            await self._redis.hset(self.key, f"y:{campaign}", 1)
-        except redis_sync.RedisError as exc:
-            raise self._unavailable(exc) from exc
+        args = [self._now_arg(), campaign, repr(YIELD_STANDS_S * 1e6), str(self.ttl_ms)]
+        await self._call("yield", args)
 
     async def on_throttle(self) -> float:
         """SES said 454 Maximum sending rate exceeded: slow the fleet; returns the new rate."""

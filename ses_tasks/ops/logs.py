@@ -224,6 +224,10 @@ def secrets_from_settings(settings: Settings) -> list[str]:
     for name in settings.profiles:
         with contextlib.suppress(Exception):
             found += secrets_from_settings(settings.for_profile(name))
+        with contextlib.suppress(Exception):  # a failover region derives its own password
+            failover = settings.failover_for(name)
+            if failover is not None:
+                found += secrets_from_settings(failover)
     if settings.password is not None:
         found.append(settings.password.get_secret_value())
     if settings.secret_access_key is not None:

@@ -155,6 +155,13 @@ def _run(runtime: WorkerRuntime, job: BatchJob, *, overlap: bool = False) -> Bat
             raise _StillRunning from None
 
 
+def _republish(runtime: WorkerRuntime, job: BatchJob) -> None:
+    try:
+        _publish(runtime, job, STORE_DOWN_RETRY_S)
+    except Exception as exc:
+        log.warning("batch %s stays in the ledger until it is due (%s)", job.batch_id, exc)
+
+
 def _later(
     runtime: WorkerRuntime, job: BatchJob, future: concurrent.futures.Future[BatchReport]
 ) -> None:
@@ -162,7 +169,15 @@ def _later(
 
     Runs on a thread of its own: publishing and the result backend block.
     """
-    if future.cancelled() or future.exception() is not None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if isinstance(exc, StoreUnavailableError):  # nothing was sent: run it again later
+        log.warning("batch of %s not claimed (%s); published again", job.campaign_id, exc)
+        runtime.spawn_publisher(lambda: _republish(runtime, job))
+        return
+    if exc is not None:  # its ledger entry stays: the sweeper takes it over when due
+        log.error("batch of %s failed on the loop", job.campaign_id, exc_info=exc)
         return
     report = future.result()
 

@@ -705,6 +705,8 @@ class _Run:
             or self.quota_retry_s is not None
             or self.store_down
             or self.yielded
+            # The process is shutting down: hand the rest back instead of starting sends.
+            or bool(getattr(self.rt, "stopping", False))
         )
 
     async def _take_tokens(self, weight: int, priority: Priority) -> bool:

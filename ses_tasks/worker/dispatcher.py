@@ -81,7 +81,7 @@ def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:
         if out[c.campaign_id] < c.backlog:
             heapq.heappush(heap, ((c.in_flight + out[c.campaign_id] + 1) / c.weight, order, c))
     for _, _, c in heap:  # a newcomer starts now, not when the window frees a slot
-        if c.in_flight == 0 and out[c.campaign_id] == 0:
+        if c.in_flight == 0 and out[c.campaign_id] == 0 and c.state in SENDING:
             out[c.campaign_id] = 1
     return out
 
@@ -131,6 +131,12 @@ class Dispatcher:
             except Exception:  # the fleet's only dispatcher must outlive any bug in a round
                 log.exception("dispatch round failed")
                 await asyncio.sleep(POLL_S)
+
+    async def _still_leader(self) -> bool:
+        """Renew the lock before each take: a slow round never overlaps another leader's."""
+        return await leadership.hold(
+            self.rt.redis, self.rt.store.keys.dispatcher_lock(), self.rt.token, LOCK_TTL_MS
+        )
 
     async def _wait_for_kick(self) -> None:
         key = self.rt.store.keys.dispatch_kick()
@@ -184,7 +190,7 @@ class Dispatcher:
         handed = 0
         after = []
         for c in campaigns:
-            if grants[c.campaign_id] > 0:
+            if grants[c.campaign_id] > 0 and await self._still_leader():
                 reply = await store.dispatch(
                     c.campaign_id, grants[c.campaign_id], unclaimed_after_s=timeout_s
                 )

@@ -173,3 +173,7 @@ class LaneView:
     @property
     def templates(self) -> dict[str, Any]:
         return self.rt.templates
+
+    @property
+    def stopping(self) -> bool:
+        return self.rt.stopping

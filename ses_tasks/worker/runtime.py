@@ -68,6 +68,8 @@ class WorkerRuntime:
         self._dispatcher_task: concurrent.futures.Future[None] | None = None
         #: Batches this process takes at once from bulk queues (0: it consumes none).
         self.bulk_capacity = settings.batches_per_process
+        #: Set at close: running batches hand their rest back instead of sending on.
+        self.stopping = False
         #: Threads publishing what finished batches left (joined at close).
         self._publishers: set[threading.Thread] = set()
         #: Batches still running on the loop (a task may have stopped waiting for one).
@@ -168,6 +170,10 @@ class WorkerRuntime:
             self._closed = True
             return
         self._closed = True
+        # Batches still running start no new chunk: they finish the sends in flight,
+        # record them, and hand the rest back (the Celery tasks returned long ago, so a
+        # warm shutdown does not wait for them).
+        self.stopping = True
 
         for loop_task in (self._sweeper_task, self._dispatcher_task):
             if loop_task is not None:
@@ -175,8 +181,10 @@ class WorkerRuntime:
         if self._running:  # let batches still sending finish and record, within the lease
             concurrent.futures.wait(list(self._running), timeout=self.settings.claim_lease_s)
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
-        for thread in list(self._publishers):  # their follow-ups reach the broker
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        while self._publishers and time.monotonic() < deadline:  # follow-ups to the broker
+            thread = next(iter(self._publishers), None)
+            if thread is not None:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
         async def _close() -> None:
             try:

@@ -90,6 +90,9 @@ def test_a_throttled_account_never_slows_another(make_pipeline, tmp_path):
             SES_TASKS_PROFILES__BUSY__HOST="localhost",
             SES_TASKS_PROFILES__BUSY__PORT=str(throttling.tls_port),
             SES_TASKS_PROFILES__BUSY__MAX_SEND_RATE="50",
+            # Another endpoint: its own credentials (the fleet's are never sent there).
+            SES_TASKS_PROFILES__BUSY__USERNAME=throttling.settings_env()["SES_TASKS_USERNAME"],
+            SES_TASKS_PROFILES__BUSY__PASSWORD=throttling.password,
         )
         pipeline.start_worker(concurrency=2)
         client = pipeline.client
@@ -130,6 +133,8 @@ def test_a_profile_fails_over_while_its_endpoint_is_unreachable(make_pipeline):
         SES_TASKS_PROFILES__EU__HOST="localhost",
         SES_TASKS_PROFILES__EU__PORT=str(closed),
         SES_TASKS_PROFILES__EU__FAILOVER_HOST="localhost",
+        SES_TASKS_PROFILES__EU__USERNAME="AKIASANDBOXEXAMPLE",
+        SES_TASKS_PROFILES__EU__PASSWORD="sandbox-password",
     )
     pipeline.env["SES_TASKS_PROFILES__EU__FAILOVER_PORT"] = pipeline.env["SES_TASKS_PORT"]
     pipeline.start_worker(concurrency=1)

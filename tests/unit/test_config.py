@@ -103,25 +103,40 @@ def test_redact_url_keeps_urls_without_password():
 
 
 def test_profiles_from_the_environment_override_only_what_they_set(monkeypatch):
+    from ses_tasks.smtp.credentials import smtp_password
+
     monkeypatch.setenv("SES_TASKS_MAX_SEND_RATE", "14")
-    monkeypatch.setenv("SES_TASKS_PASSWORD", "fleet-password")
+    monkeypatch.setenv("SES_TASKS_SECRET_ACCESS_KEY", "fleet-secret")
     monkeypatch.setenv("SES_TASKS_PROFILES__EU__REGION", "eu-west-1")
     monkeypatch.setenv("SES_TASKS_PROFILES__EU__MAX_SEND_RATE", "50")
     monkeypatch.setenv("SES_TASKS_PROFILES__EU__CONFIGURATION_SET", "eu-set")
     monkeypatch.setenv("SES_TASKS_PROFILES__TENANT_B__SECRET_ACCESS_KEY", "tenant-b-secret")
+    monkeypatch.setenv("SES_TASKS_PROFILES__OTHER__HOST", "smtp.tenant.example")
     s = load_settings()
-    assert set(s.profiles) == {"eu", "tenant_b"}
+    assert set(s.profiles) == {"eu", "tenant_b", "other"}
     eu = s.for_profile("eu")
     assert eu.endpoint.host == "email-smtp.eu-west-1.amazonaws.com"
     assert (eu.max_send_rate, eu.configuration_set) == (50.0, "eu-set")
-    assert eu.smtp_password() == "fleet-password"  # not set: the fleet's
+    # The same account in another region: the password is derived for that region.
+    assert eu.smtp_password() == smtp_password("fleet-secret", "eu-west-1")
+    assert eu.smtp_password() != s.smtp_password()
     assert eu.batch_size == s.batch_size and eu.redis_url == s.redis_url
     tenant = s.for_profile("tenant_b")
-    assert tenant.password is None  # its own credentials replace the fleet's, both kinds
-    assert tenant.smtp_password() not in (None, "fleet-password")
+    assert tenant.smtp_password() == smtp_password("tenant-b-secret", "us-east-1")
+    # Another endpoint never gets the fleet's credentials.
+    assert s.for_profile("other").smtp_password() is None
     assert s.for_profile("") is s
     for text in (repr(s), str(s), repr(s.profiles), repr(tenant)):
-        assert "tenant-b-secret" not in text and "fleet-password" not in text
+        assert "tenant-b-secret" not in text and "fleet-secret" not in text
+
+
+def test_a_password_given_directly_stays_in_its_region(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_PASSWORD", "us-east-1-password")
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__REGION", "eu-west-1")
+    monkeypatch.setenv("SES_TASKS_PROFILES__US__MAX_SEND_RATE", "5")
+    s = load_settings()
+    assert s.for_profile("eu").smtp_password() is None
+    assert s.for_profile("us").smtp_password() == "us-east-1-password"
 
 
 def test_an_unknown_profile_is_named_with_the_known_ones(monkeypatch):
@@ -140,6 +155,7 @@ def test_profile_names_and_fields_are_checked(monkeypatch):
 
 
 def test_profiles_as_json_and_failover(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_SECRET_ACCESS_KEY", "fleet-secret")
     monkeypatch.setenv(
         "SES_TASKS_PROFILES",
         '{"eu": {"region": "eu-west-1", "failover_region": "eu-central-1"}, "us": {}}',
@@ -148,11 +164,33 @@ def test_profiles_as_json_and_failover(monkeypatch):
     failover = s.failover_for("eu")
     assert failover is not None
     assert failover.endpoint.host == "email-smtp.eu-central-1.amazonaws.com"
+    assert failover.endpoint.tls_server_name == "email-smtp.eu-central-1.amazonaws.com"
+    assert failover.smtp_password() != s.for_profile("eu").smtp_password()
     assert s.failover_for("us") is None and s.failover_for("") is None
+
+
+def test_failover_to_another_region_needs_a_derivable_password(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__REGION", "eu-west-1")
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__PASSWORD", "eu-west-1-password")
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__FAILOVER_REGION", "eu-central-1")
+    with pytest.raises(ConfigurationError, match=r"(?i)failover_region.*SECRET_ACCESS_KEY"):
+        load_settings()
+
+
+def test_a_bad_profile_endpoint_is_refused_at_load(monkeypatch):
+    monkeypatch.setenv("SES_TASKS_PROFILES__EU__REGION", "../../x")
+    with pytest.raises(ConfigurationError, match="profile 'eu'"):
+        load_settings()
 
 
 def test_profile_secrets_are_redacted_from_logs(monkeypatch):
     from ses_tasks.ops.logs import secrets_from_settings
 
     monkeypatch.setenv("SES_TASKS_PROFILES__EU__PASSWORD", "eu-smtp-password")
-    assert "eu-smtp-password" in secrets_from_settings(load_settings())
+    monkeypatch.setenv("SES_TASKS_PROFILES__US__SECRET_ACCESS_KEY", "us-secret")
+    monkeypatch.setenv("SES_TASKS_PROFILES__US__FAILOVER_REGION", "us-west-2")
+    settings = load_settings()
+    secrets = secrets_from_settings(settings)
+    assert "eu-smtp-password" in secrets and "us-secret" in secrets
+    failover = settings.failover_for("us")
+    assert failover is not None and failover.smtp_password() in secrets

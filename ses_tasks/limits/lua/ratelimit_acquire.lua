@@ -24,12 +24,12 @@ local f, changed, old_f = refresh_factor(key, now, tonumber(ARGV[10]), tonumber(
 local cost = n * 1000000 / (rate * f)
 local campaign = ARGV[13] or ''
 if campaign ~= '' and not transactional and mode == 'fresh' then
-  -- The dispatcher asked one batch of this campaign to make room for a new campaign.
-  if tonumber(redis.call('HGET', key, 'y:' .. campaign) or '0') > 0 then
-    if redis.call('HINCRBY', key, 'y:' .. campaign, -1) <= 0 then
-      redis.call('HDEL', key, 'y:' .. campaign)
-    end
-    return {'yield', '0', 'none', '0', '0', changed, fmt(old_f), fmt(f)}
+  -- The dispatcher asked one batch of this campaign to make room for a new campaign
+  -- (the field holds the request's deadline; a late one is dropped unanswered).
+  local y = tonumber(redis.call('HGET', key, 'y:' .. campaign) or '')
+  if y then
+    redis.call('HDEL', key, 'y:' .. campaign)
+    if y > now then return {'yield', '0', 'none', '0', '0', changed, fmt(old_f), fmt(f)} end
   end
   local sh = redis.call('HMGET', key, 's:' .. campaign, 'sat')
   local share = tonumber(sh[1])

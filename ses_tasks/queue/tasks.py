@@ -97,6 +97,8 @@ def _publish_follow_ups(runtime: WorkerRuntime, report: BatchReport) -> None:
     """Publish what the batch left for later; a failure leaves it to the sweeper."""
     failed: list[BatchJob] = []
     for follow_up in report.follow_ups:
+        if follow_up.stored:  # in the backlog: the dispatcher hands it out
+            continue
         try:
             _publish(runtime, follow_up.job, follow_up.countdown_s)
         except Exception as exc:

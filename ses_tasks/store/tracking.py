@@ -137,6 +137,8 @@ class LedgerEntry:
     payload: dict[str, Any]
     #: The countdown it is published with; the sweeper waits this plus redeliver-after.
     delay_s: float = 0.0
+    #: Back to the campaign's backlog, for the dispatcher (not published, not due).
+    stored: bool = False
 
     def payload_json(self) -> str:
         return json.dumps(self.payload, separators=(",", ":"))
@@ -355,6 +357,7 @@ class _Base:
             self._ledger_keys(campaign_id)
             + self._message_keys(campaign_id, (o.message_id for o in outcomes))
             + self._message_keys(campaign_id, settle.release)
+            + [self.keys.backlog(campaign_id)]
         )
         argv: list[Any] = [
             self.retention_s,
@@ -369,7 +372,8 @@ class _Base:
         for outcome in outcomes:
             argv += outcome.argv()
         for entry in settle.follow_ups:
-            argv += [entry.batch_id, entry.payload_json(), int(entry.delay_s * 1000)]
+            delay_ms = -1 if entry.stored else int(entry.delay_s * 1000)
+            argv += [entry.batch_id, entry.payload_json(), delay_ms]
         return keys, argv
 
     def _ses_index(self, outcomes: Sequence[Transition]) -> list[tuple[str, str]]:

@@ -353,6 +353,8 @@ class FollowUp:
     job: BatchJob
     countdown_s: float
     why: str
+    #: Back in the campaign's backlog: the dispatcher hands it out, nobody publishes it.
+    stored: bool = False
 
 
 @dataclass(slots=True)
@@ -794,17 +796,20 @@ class _Run:
 
     # Settling ---------------------------------------------------------------------------
 
-    def _follow_up(self, items: list[BatchItem], delay_s: float, why: str) -> LedgerEntry:
+    def _follow_up(
+        self, items: list[BatchItem], delay_s: float, why: str, *, stored: bool = False
+    ) -> LedgerEntry:
         job = self.job
         if job.priority is Priority.TRANSACTIONAL:
             batch_id = self.mid(items[0])  # a single message's entry is its message id
+            stored = False
         else:
             batch_id = f"f{items[0].seq}-{secrets.token_hex(4)}"
         follow = replace(job, items=tuple(items), batch_id=batch_id)
-        self.report.follow_ups.append(FollowUp(follow, delay_s, why))
+        self.report.follow_ups.append(FollowUp(follow, delay_s, why, stored))
         for observer in observers:
             observer.retry_scheduled(why, len(items))
-        return LedgerEntry(batch_id, follow.payload(), delay_s)
+        return LedgerEntry(batch_id, follow.payload(), delay_s, stored)
 
     async def settle(self, *, done: bool = True) -> None:
         job, policy, s = self.job, self.policy, self.rt.settings
@@ -915,7 +920,10 @@ class _Run:
             entries.append(self._follow_up(items, self.quota_retry_s, "24-hour quota used up"))
             return
         release.extend(self.mid(i) for i in items)
-        entries.append(self._follow_up(items, HAND_BACK_DELAY_S, "handed back"))
+        # Made room for a new campaign, or the process stops: the rest goes back to the
+        # backlog, so the dispatcher hands it out again within its window.
+        stored = self.yielded or bool(getattr(self.rt, "stopping", False))
+        entries.append(self._follow_up(items, HAND_BACK_DELAY_S, "handed back", stored=stored))
 
     async def _set_deferred_reason(self, reason: str) -> float:
         await self.rt.store.set_campaign_fields(self.job.campaign_id, deferred_reason=reason)

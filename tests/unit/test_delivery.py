@@ -476,4 +476,10 @@ def test_a_batch_asked_to_make_room_hands_the_rest_back_and_gives_back_its_quota
     assert follow_up.why == "handed back"
     assert counts(server) == {"sent": 4, "queued": 6}
     assert ledger(server) == {follow_up.job.batch_id}
+    # Back in the backlog, first in line: the dispatcher hands it out within its window,
+    # nobody publishes it directly and the sweeper never sees it due.
+    store = sync_store(server)
+    assert follow_up.stored
+    assert store.redis.zrange(store.keys.backlog("c1"), 0, -1) == [follow_up.job.batch_id.encode()]
+    assert store.redis.zcard(store.keys.due("c1")) == 0
     assert rt.quota.released == 4  # the refused chunk's units went back

@@ -1,7 +1,8 @@
 -- Record outcomes of one campaign's messages, hand back unsent ones and settle the batch
 -- ledger, atomically with the counters.
 -- KEYS[1] campaign hash, KEYS[2] not-sent set, KEYS[3] batch ledger hash, KEYS[4] ledger
--- due zset, KEYS[5..] message hashes: first one per transition, then one per release
+-- due zset, KEYS[5..] message hashes: first one per transition, then one per release,
+-- then the backlog zset (follow-ups with delay -1 go there, for the dispatcher)
 -- ARGV[1] retention s, ARGV[2] "normal" | "requeue", ARGV[3] lease token ('' = any),
 -- ARGV[4] transition count T, ARGV[5] release count R, ARGV[6] batch id done ('' none),
 -- ARGV[7] follow-up count F, ARGV[8] publish grace ms,
@@ -80,9 +81,17 @@ if done ~= '' then
   redis.call('ZREM', KEYS[4], done)
 end
 -- After the removal: a single message's follow-up reuses its message id as batch id.
+local backlog = KEYS[5 + nt + nr]
 for _ = 1, nf do
   redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 1])
-  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[a + 2]) + grace, ARGV[a])
+  local delay = tonumber(ARGV[a + 2])
+  if delay < 0 then
+    -- Back to the backlog, first in line: the dispatcher hands it out within its window.
+    redis.call('ZADD', backlog, -1, ARGV[a])
+    redis.call('EXPIRE', backlog, ttl)
+  else
+    redis.call('ZADD', KEYS[4], now + delay + grace, ARGV[a])
+  end
   a = a + 3
 end
 if nf > 0 then

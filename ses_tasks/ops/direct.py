@@ -71,27 +71,11 @@ def effective_rates(settings: Settings) -> dict[str, float]:
 
 def limits_status(settings: Settings, *, with_campaigns: bool = True) -> dict[str, Any]:
     """Rate limiter and 24-hour quota of every sender profile ('' is the unnamed one)."""
-    from ses_tasks.limits.quota import DailyQuota
-    from ses_tasks.limits.ratelimit import FleetRateLimiter
-    from ses_tasks.worker.lanes import account_of
+    from ses_tasks.worker.lanes import make_limiter, make_quota
 
     async def one(client: Any, name: str) -> dict[str, Any]:
         s = settings.for_profile(name)
-        limiter = FleetRateLimiter(
-            client,
-            key_prefix=s.key_prefix,
-            account=account_of(name),
-            rate_per_s=s.max_send_rate,
-            burst=s.burst,
-            transactional_reserve=s.transactional_reserve,
-        )
-        quota = DailyQuota(
-            client,
-            key_prefix=s.key_prefix,
-            account=account_of(name),
-            limit=s.max_24h_send,
-            window_s=s.quota_window_s,
-        )
+        limiter, quota = make_limiter(client, s, name), make_quota(client, s, name)
         rate = await limiter.status()
         used = await quota.status()
         return {

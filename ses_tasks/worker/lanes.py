@@ -42,6 +42,29 @@ def account_of(profile: str) -> str:
     return f"profile-{profile}" if profile else "default"
 
 
+def make_limiter(redis: Any, settings: Settings, profile: str) -> FleetRateLimiter:
+    """The fleet-wide limiter of ``profile`` (``settings`` as that profile sends)."""
+    return FleetRateLimiter(
+        redis,
+        key_prefix=settings.key_prefix,
+        account=account_of(profile),
+        rate_per_s=settings.max_send_rate,
+        burst=settings.burst,
+        transactional_reserve=settings.transactional_reserve,
+    )
+
+
+def make_quota(redis: Any, settings: Settings, profile: str) -> DailyQuota:
+    """The 24-hour quota of ``profile`` (``settings`` as that profile sends)."""
+    return DailyQuota(
+        redis,
+        key_prefix=settings.key_prefix,
+        account=account_of(profile),
+        limit=settings.max_24h_send,
+        window_s=settings.quota_window_s,
+    )
+
+
 def make_pool(settings: Settings) -> SmtpPool:
     return SmtpPool(
         settings.endpoint,
@@ -117,22 +140,8 @@ class Lane:
     def __init__(self, name: str, settings: Settings, redis: Any, failover: Settings | None):
         self.name = name
         self.settings = settings
-        account = account_of(name)
-        self.limiter = FleetRateLimiter(
-            redis,
-            key_prefix=settings.key_prefix,
-            account=account,
-            rate_per_s=settings.max_send_rate,
-            burst=settings.burst,
-            transactional_reserve=settings.transactional_reserve,
-        )
-        self.quota = DailyQuota(
-            redis,
-            key_prefix=settings.key_prefix,
-            account=account,
-            limit=settings.max_24h_send,
-            window_s=settings.quota_window_s,
-        )
+        self.limiter = make_limiter(redis, settings, name)
+        self.quota = make_quota(redis, settings, name)
         primary = make_pool(settings)
         self.pool: SmtpPool | FailoverPool = (
             primary if failover is None else FailoverPool(primary, make_pool(failover))

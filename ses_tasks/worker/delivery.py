@@ -986,6 +986,13 @@ async def deliver(rt: DeliveryRuntime, job: BatchJob) -> BatchReport:
         )
         run.report.stopped = "missing"
         return run.report
+    if run.busy:
+        log.info(
+            "batch %s of %s: %d messages held by another run, which settles them",
+            job.batch_id or "-",
+            job.campaign_id,
+            len(run.busy),
+        )
     keeper = asyncio.create_task(run.keep_lease()) if run.held else None
     completed = False
     try:

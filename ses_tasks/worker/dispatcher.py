@@ -22,6 +22,7 @@ nothing, and a copy published twice is harmless (claims are idempotent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -115,7 +116,9 @@ class Dispatcher:
         self._next_beat = 0.0
 
     async def run_forever(self) -> None:
-        while True:
+        """Dispatch until the runtime stops; a round in progress finishes its publishes
+        (a batch taken and never published would wait out DISPATCH_TIMEOUT_S)."""
+        while not self.rt.stopping:
             try:
                 await self._heartbeat()
                 if await leadership.hold(
@@ -124,13 +127,16 @@ class Dispatcher:
                     await self.round()
                     await self._wait_for_kick()
                 else:
-                    await asyncio.sleep(HEARTBEAT_S / 2)
+                    await self.rt.idle(HEARTBEAT_S / 2)
             except STORE_ERRORS as exc:
                 log.warning("dispatcher: Redis error (%s); next round in %.0f s", exc, POLL_S)
-                await asyncio.sleep(POLL_S)
+                await self.rt.idle(POLL_S)
             except Exception:  # the fleet's only dispatcher must outlive any bug in a round
                 log.exception("dispatch round failed")
-                await asyncio.sleep(POLL_S)
+                await self.rt.idle(POLL_S)
+        await leadership.release(self.rt.redis, self.rt.store.keys.dispatcher_lock(), self.rt.token)
+        with contextlib.suppress(*STORE_ERRORS):  # the window shrinks now, not at expiry
+            await self.rt.redis.zrem(self.rt.store.keys.workers(), self._member())
 
     async def _still_leader(self) -> bool:
         """Renew the lock before each take: a slow round never overlaps another leader's."""
@@ -147,17 +153,20 @@ class Dispatcher:
         # A socket timeout too short to block on: poll instead.
         deadline = time.monotonic() + POLL_S
         while time.monotonic() < deadline and not await self.rt.redis.lpop(key):
-            await asyncio.sleep(KICK_POLL_S)
+            if await self.rt.idle(KICK_POLL_S):
+                return
 
     async def _heartbeat(self) -> None:
         now = time.time()
         if now < self._next_beat:
             return
         self._next_beat = now + HEARTBEAT_S
-        member = f"{self.rt.token}|{self.rt.bulk_capacity}"
         await self.rt.redis.zadd(
-            self.rt.store.keys.workers(), {member: int((now + 3 * HEARTBEAT_S) * 1000)}
+            self.rt.store.keys.workers(), {self._member(): int((now + 3 * HEARTBEAT_S) * 1000)}
         )
+
+    def _member(self) -> str:
+        return f"{self.rt.token}|{self.rt.bulk_capacity}"
 
     async def window(self) -> int:
         """Batches the broker may hold for the fleet: what live workers run at once."""

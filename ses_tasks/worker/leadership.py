@@ -8,9 +8,12 @@ script, so a holder whose lock just expired never renews another process's lock.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-__all__ = ["hold"]
+__all__ = ["hold", "release"]
+
+log = logging.getLogger(__name__)
 
 HOLD_LUA = """
 local holder = redis.call('GET', KEYS[1])
@@ -25,12 +28,34 @@ end
 return 0
 """
 
-_scripts: dict[int, Any] = {}
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_scripts: dict[tuple[int, str], Any] = {}
+
+
+def _script(redis: Any, source: str) -> Any:
+    script = _scripts.get((id(redis), source))
+    if script is None:
+        script = _scripts[(id(redis), source)] = redis.register_script(source)
+    return script
 
 
 async def hold(redis: Any, key: str, token: str, ttl_ms: int) -> bool:
     """Take or keep the lock ``key`` for ``token``; True while we hold it."""
-    script = _scripts.get(id(redis))
-    if script is None:
-        script = _scripts[id(redis)] = redis.register_script(HOLD_LUA)
-    return bool(await script(keys=[key], args=[token, ttl_ms]))
+    return bool(await _script(redis, HOLD_LUA)(keys=[key], args=[token, ttl_ms]))
+
+
+async def release(redis: Any, key: str, token: str) -> None:
+    """Give the lock up at shutdown, so another process takes over now, not at the TTL.
+
+    Best effort: a lock we fail to release expires at its TTL anyway.
+    """
+    try:
+        await _script(redis, RELEASE_LUA)(keys=[key], args=[token])
+    except Exception as exc:
+        log.debug("could not release %s (%s); it expires at its TTL", key, exc)

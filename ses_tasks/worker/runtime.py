@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -70,8 +71,10 @@ class WorkerRuntime:
         self.bulk_capacity = settings.batches_per_process
         #: Set at close: running batches hand their rest back instead of sending on.
         self.stopping = False
+        self._stop_event = asyncio.Event()
         #: Threads publishing what finished batches left (joined at close).
         self._publishers: set[threading.Thread] = set()
+        self._publishers_lock = threading.Lock()
         #: Batches still running on the loop (a task may have stopped waiting for one).
         self._running: set[concurrent.futures.Future[Any]] = set()
 
@@ -106,6 +109,12 @@ class WorkerRuntime:
         future.add_done_callback(self._running.discard)
         return future
 
+    async def idle(self, seconds: float) -> bool:
+        """Sleep on the loop, cut short by close(); True once the runtime is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
+        return self.stopping
+
     def spawn_publisher(self, target: Callable[[], None]) -> None:
         """Run blocking publishing off the loop; ``close()`` waits for it."""
 
@@ -113,11 +122,23 @@ class WorkerRuntime:
             try:
                 target()
             finally:
-                self._publishers.discard(thread)
+                with self._publishers_lock:
+                    self._publishers.discard(thread)
 
         thread = threading.Thread(target=run, name="ses-tasks-publish", daemon=True)
-        self._publishers.add(thread)
-        thread.start()
+        # Added and started under one lock: close() only ever sees started threads.
+        with self._publishers_lock:
+            self._publishers.add(thread)
+            thread.start()
+
+    def _join_publishers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            with self._publishers_lock:
+                pending = list(self._publishers)
+            if not pending:
+                return
+            pending[0].join(timeout=left)
 
     def wait_for_room(self, limit: int, timeout_s: float) -> bool:
         """Wait until fewer than ``limit`` submitted batches run; False on timeout."""
@@ -175,16 +196,28 @@ class WorkerRuntime:
         # warm shutdown does not wait for them).
         self.stopping = True
 
-        for loop_task in (self._sweeper_task, self._dispatcher_task):
-            if loop_task is not None:
+        self.loop.call_soon_threadsafe(self._stop_event.set)
+        try:
+            # The fleet loops end their round (a batch taken is published) and give up
+            # their locks, so another process leads at once.
+            loops = [f for f in (self._sweeper_task, self._dispatcher_task) if f is not None]
+            concurrent.futures.wait(loops, timeout=CLOSE_TIMEOUT_S)
+            for loop_task in loops:
                 loop_task.cancel()
-        if self._running:  # let batches still sending finish and record, within the lease
-            concurrent.futures.wait(list(self._running), timeout=self.settings.claim_lease_s)
-        deadline = time.monotonic() + CLOSE_TIMEOUT_S
-        while self._publishers and time.monotonic() < deadline:  # follow-ups to the broker
-            thread = next(iter(self._publishers), None)
-            if thread is not None:
-                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            # Let batches still sending finish and record, within the lease.
+            _, late = concurrent.futures.wait(
+                list(self._running), timeout=self.settings.claim_lease_s
+            )
+            if late:
+                log.warning(
+                    "%d batches still running after %.0f s at shutdown; the sweeper takes "
+                    "them over once their lease runs out",
+                    len(late),
+                    self.settings.claim_lease_s,
+                )
+            self._join_publishers(CLOSE_TIMEOUT_S)  # follow-ups on their way to the broker
+        except Exception:  # pragma: no cover - the connections must still QUIT below
+            log.warning("worker runtime: waiting for running work failed", exc_info=True)
 
         async def _close() -> None:
             try:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Sweeper"]
 
+
 log = logging.getLogger(__name__)
 
 #: Ledger entries taken per campaign per pass.
@@ -39,7 +40,8 @@ class Sweeper:
         self.swept = 0
 
     async def run_forever(self) -> None:
-        while True:
+        """Sweep until the runtime stops; a pass in progress finishes its publishes."""
+        while not self.rt.stopping:
             try:
                 if await self.lead():
                     await self.sweep_once()
@@ -47,7 +49,8 @@ class Sweeper:
                 log.warning("sweeper: Redis error (%s); next pass in %.0f s", exc, self.interval_s)
             except Exception:  # the backstop must outlive any bug in one pass
                 log.exception("sweeper pass failed")
-            await asyncio.sleep(self.interval_s)
+            await self.rt.idle(self.interval_s)
+        await leadership.release(self.rt.redis, self.rt.store.keys.sweeper_lock(), self.rt.token)
 
     async def lead(self) -> bool:
         """Take or keep the fleet's sweeper lock."""

@@ -177,8 +177,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             MESSAGE_TASK: {"queue": transactional_queue(mode)},
             BATCH_TASK: {"queue": bulk_queue(mode)},
         },
+        # Results are delivery records (ids, state, SES id), never the task's arguments:
+        # with result_extended the backend would keep every message body for the retention.
         "result_expires": settings.retention_s,
-        "result_extended": True,
+        "result_extended": False,
         "task_track_started": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -555,8 +555,10 @@ class _Run:
     ) -> None:
         mid = self.mid(item)
         row = None
-        if keep_row:
-            row = item.spec if item.spec is not None else item.to_json()
+        # A campaign's row (recipient and variables) lets retry-failed requeue it; a
+        # transactional message's row would be its whole body, which is never kept.
+        if keep_row and self.job.priority is Priority.BULK:
+            row = item.to_json()
         # Still held (and renewed) until the record is written.
         self.pending.append(Transition(mid, state, code, reason, ses_message_id, row=row))
         self.outcome_known.add(mid)

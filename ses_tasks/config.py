@@ -204,6 +204,12 @@ class Settings(BaseSettings):
                     raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
         return data
 
+    @field_validator("username", "password", "secret_access_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `SES_TASKS_PASSWORD=` in an env file means "none", not an empty password to AUTH.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("key_prefix")
     @classmethod
     def _check_key_prefix(cls, value: str) -> str:

@@ -34,6 +34,10 @@ def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     sys.exit(code)
 
 
+#: What the sandbox extra brings (the local endpoint, embedded Redis, the demo).
+SANDBOX_MODULES = frozenset({"aiosmtpd", "trustme", "fakeredis", "lupa"})
+
+
 def user_errors(func: F) -> F:
     """Turn our errors and unreachable services into one clear line and an exit status."""
 
@@ -45,6 +49,10 @@ def user_errors(func: F) -> F:
             _fail(str(exc))
         except redis.ConnectionError as exc:
             _fail(f"cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL", EXIT_FAILURE)
+        except ModuleNotFoundError as exc:
+            if exc.name not in SANDBOX_MODULES:
+                raise
+            _fail(f"{exc.name} is not installed: pip install 'ses-tasks[sandbox]'", EXIT_FAILURE)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         return None
@@ -694,7 +702,11 @@ def smtp_password_command(region: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def check(as_json: bool) -> None:
-    """Connect, negotiate TLS, authenticate and report, without sending."""
+    """Connect, negotiate TLS, authenticate and report, without sending.
+
+    Exits 1 when the endpoint could not be used or no credentials were configured to
+    authenticate with (a check that did not AUTH proves nothing about sending).
+    """
     from ses_tasks.ops.direct import probe
 
     info = probe(_settings())
@@ -703,6 +715,12 @@ def check(as_json: bool) -> None:
     else:
         for key, value in info.items():
             click.echo(f"{key}: {value}")
+    if not info.get("authenticated"):
+        _fail(
+            "connected and negotiated TLS but did not authenticate: no credentials are "
+            "configured (SES_TASKS_USERNAME and SES_TASKS_PASSWORD, or an IAM key pair)",
+            EXIT_FAILURE,
+        )
 
 
 @main.command()
@@ -725,6 +743,7 @@ def limits(as_json: bool) -> None:
     add_help_option=False,
 )
 @click.pass_context
+@user_errors
 def sandbox(ctx: click.Context) -> None:
     """Run the local SES-compatible endpoint (see `ses-tasks sandbox --help`)."""
     from ses_tasks.sandbox import main as sandbox_main

@@ -162,6 +162,20 @@ def test_check_reports_tls_and_extensions_without_sending(make_pipeline):
     assert pipeline.sandbox.accepted() == []
 
 
+def test_check_without_credentials_exits_1_and_says_why(make_pipeline):
+    pipeline = make_pipeline("tls")
+    env = {
+        k: v
+        for k, v in pipeline.env.items()
+        if k not in ("SES_TASKS_USERNAME", "SES_TASKS_PASSWORD")
+    }
+    env.update(SES_TASKS_USERNAME="", SES_TASKS_PASSWORD="")
+    result = run(["check"], env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "did not authenticate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_send_direct_prints_the_ses_message_id(make_pipeline, tmp_path: Path):
     pipeline = make_pipeline("tls")
     (tmp_path / "t.txt").write_text("hello")

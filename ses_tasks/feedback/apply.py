@@ -6,6 +6,10 @@ record (``feedback``, ``bounce_type``, ...) and its own campaign counters (``del
 ``bounced``, ``hard_bounced``, ``complained``, ``delayed``, ``rejected``); the per-state
 counters stay untouched and keep adding up to ``total``. One Lua script per event makes the
 update atomic and idempotent per (message, counter), so duplicates never double count.
+
+An event whose SES message id we never stored is counted as uncorrelated and does not touch
+the suppression list unless ``suppress_uncorrelated`` says so: it may be another sender's
+mail on the account, or not mail of this account at all.
 """
 
 from __future__ import annotations
@@ -142,8 +146,18 @@ class FeedbackApplier:
         message_id = self.store.message_id_for_ses_id(ses_id)
         if message_id is None:
             self.redis.incr(self.keys.feedback_uncorrelated())
-            log.info("%s for unknown SES message id %s: not ours or expired", event.kind, ses_id)
-            suppressed = self._suppress(event)
+            if self.settings.suppress_uncorrelated:
+                suppressed = self._suppress(event)
+                what = "suppressing as SES_TASKS_FEEDBACK_SUPPRESS_UNCORRELATED says"
+            else:
+                suppressed = ()
+                what = "not suppressing (SES_TASKS_FEEDBACK_SUPPRESS_UNCORRELATED is off)"
+            log.info(
+                "%s for unknown SES message id %.100s: not ours or expired; %s",
+                event.kind,
+                ses_id,
+                what,
+            )
             return ApplyResult("uncorrelated", ses_id, suppressed=suppressed)
         campaign_id = campaign_of(message_id)
         raw = self._record(
@@ -152,6 +166,7 @@ class FeedbackApplier:
         )
         outcome = _text(raw[0])
         if outcome == "missing":
+            # The SES id index proves we sent it; only the record expired: still suppress.
             self.redis.incr(self.keys.feedback_uncorrelated())
             log.info("%s for %s: message record %s expired", event.kind, ses_id, message_id)
             return ApplyResult(

@@ -3,17 +3,21 @@
 Mount it under any ASGI server (uvicorn, hypercorn, daphne) or run it with
 ``ses-tasks feedback serve``. ``POST`` anywhere delivers an SNS message; ``GET /health``
 answers ``ok``. The synchronous handler runs in a worker thread, so the event loop is never
-blocked by Redis or a certificate fetch.
+blocked by Redis or a certificate fetch. The app refuses to be created without a topic
+allow-list (``SES_TASKS_FEEDBACK_ALLOWED_TOPIC_ARNS``): anyone's SNS topic could post.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ses_tasks.feedback.handler import FeedbackHandler, HttpResponse
+from ses_tasks.feedback.settings import FeedbackSettings, load_feedback_settings
+from ses_tasks.ops import metrics
 
 __all__ = ["ASGIApp", "FeedbackApp", "create_app"]
 
@@ -29,17 +33,30 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
 class FeedbackApp:
-    """``handler`` may be given, or built from settings on first use (``factory``)."""
+    """``handler`` may be given, or built on first use by ``factory`` or from
+    ``feedback_settings`` (the environment by default).
+
+    Raises ``ConfigurationError`` at once when the handler or the settings have no topic
+    allow-list (nor the development flag); a ``factory``'s handler is checked when built.
+    """
 
     def __init__(
         self,
         handler: FeedbackHandler | None = None,
         *,
         factory: Callable[[], FeedbackHandler] | None = None,
+        feedback_settings: FeedbackSettings | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
-        if handler is None and factory is None:
-            factory = FeedbackHandler.from_settings
+        self._check_factory = False
+        if handler is not None:
+            handler.require_topic_policy()
+        elif factory is not None:
+            self._check_factory = True
+        else:
+            fb = feedback_settings or load_feedback_settings()
+            fb.require_topic_policy()
+            factory = functools.partial(FeedbackHandler.from_settings, feedback_settings=fb)
         self._handler = handler
         self._factory = factory
         self.max_body_bytes = max_body_bytes
@@ -48,7 +65,10 @@ class FeedbackApp:
     def handler(self) -> FeedbackHandler:
         if self._handler is None:
             assert self._factory is not None
-            self._handler = self._factory()
+            handler = self._factory()
+            if self._check_factory:
+                handler.require_topic_policy()
+            self._handler = handler
         return self._handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,6 +86,7 @@ class FeedbackApp:
             return
         body = await self._read_body(receive)
         if body is None:
+            metrics.feedback_refused("body_too_large")
             log.warning("feedback refused: request body over %d bytes", self.max_body_bytes)
             await _respond(send, HttpResponse(413, "body too large"))
             return
@@ -123,5 +144,7 @@ async def _respond(send: Send, response: HttpResponse, **extra_headers: str) -> 
 def create_app(
     handler: FeedbackHandler | None = None, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> FeedbackApp:
-    """The ASGI app; without ``handler`` it is built from the environment on first use."""
+    """The ASGI app; without ``handler`` it is built from the environment on first use (the
+    topic allow-list is checked now, so a misconfigured app fails at import, not per request).
+    """
     return FeedbackApp(handler, max_body_bytes=max_body_bytes)

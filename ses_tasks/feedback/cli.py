@@ -64,15 +64,18 @@ def feedback() -> None:
 @click.option("--port", type=int, default=None, help="Port [SES_TASKS_FEEDBACK_PORT].")
 @user_errors
 def serve_command(host: str | None, port: int | None) -> None:
-    """Receive SNS HTTP POSTs (subscribe http(s)://<this host>/ to the SES topics)."""
+    """Receive SNS HTTP POSTs (subscribe http(s)://<this host>/ to the SES topics).
+
+    Refuses to start without SES_TASKS_FEEDBACK_ALLOWED_TOPIC_ARNS: SNS signs every
+    account's messages alike, so only the topic says a bounce or complaint is yours.
+    """
     from ses_tasks.feedback.asgi import FeedbackApp
     from ses_tasks.feedback.server import serve
     from ses_tasks.feedback.settings import load_feedback_settings
 
     fb = load_feedback_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    handler = _handler()
-    app = FeedbackApp(handler, max_body_bytes=fb.max_body_bytes)
+    app = FeedbackApp(feedback_settings=fb, max_body_bytes=fb.max_body_bytes)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             serve(

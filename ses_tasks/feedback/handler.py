@@ -1,8 +1,10 @@
 """One handler behind every way feedback arrives: ASGI, Django, Flask and batch ingest.
 
-An HTTP POST is trusted only after ``SnsVerifier`` accepts it; an SNS MessageId is handled
-once (``SET NX`` with a TTL), so SNS retries and replays change nothing. Every refusal is
-one WARNING log line and leaves Redis untouched.
+An HTTP POST is trusted only after ``SnsVerifier`` accepts it, and only from an allowed SNS
+topic (receivers refuse to start without an allow-list); an SNS MessageId is handled once
+(``SET NX`` with a TTL), so SNS retries and replays change nothing. Every refusal is one
+WARNING log line (untrusted values clipped), one count of ``ses_tasks_feedback_refused_total``,
+and leaves Redis untouched.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from ses_tasks.feedback.sns import (
     Fetcher,
     SnsVerificationError,
     SnsVerifier,
+    clip,
     is_sns_envelope,
 )
+from ses_tasks.ops import metrics
 from ses_tasks.store.connections import sync_redis
 
 __all__ = ["FeedbackHandler", "HttpResponse", "IngestReport"]
@@ -101,6 +105,7 @@ class FeedbackHandler:
         verifier = SnsVerifier(
             fetcher=fetcher,
             allowed_topic_arns=fb.topic_arns,
+            allow_any_topic=fb.allow_any_topic,
             max_age_s=fb.max_age_s,
             fetch_timeout_s=fb.fetch_timeout_s,
         )
@@ -113,30 +118,41 @@ class FeedbackHandler:
     def redis(self) -> redis.Redis:
         return self.applier.redis
 
+    def require_topic_policy(self) -> None:
+        """Raise ``ConfigurationError`` unless the verifier has a topic allow-list (or the
+        development flag): every HTTP receiver calls this before it serves."""
+        self.verifier.require_topic_policy()
+
     # HTTP --------------------------------------------------------------------------------
 
     def handle_http(self, body: bytes, headers: Mapping[str, str] | None = None) -> HttpResponse:
-        """Handle one SNS HTTP POST body. 2xx tells SNS not to retry; 403 means refused."""
+        """Handle one SNS HTTP POST body. 2xx tells SNS not to retry; 403 means refused; 503
+        (the signing certificate could not be fetched now) asks SNS to retry later."""
         try:
             envelope = json.loads(body)
         except (ValueError, UnicodeDecodeError):
+            metrics.feedback_refused("not_json")
             log.warning("feedback refused: request body is not JSON")
             return HttpResponse(400, "body is not JSON")
         if not isinstance(envelope, dict) or not is_sns_envelope(envelope):
+            metrics.feedback_refused("not_sns")
             log.warning("feedback refused: not an SNS message (raw notifications need ingest)")
             return HttpResponse(400, "not an SNS message")
         header_type = (headers or {}).get("x-amz-sns-message-type")
         if header_type and header_type != envelope.get("Type"):
+            metrics.feedback_refused("header_mismatch")
             log.warning(
                 "feedback refused: x-amz-sns-message-type %s does not match Type %s",
-                header_type,
-                envelope.get("Type"),
+                clip(header_type),
+                clip(envelope.get("Type")),
             )
             return HttpResponse(400, "message type header mismatch")
         try:
             outcome = self.handle_envelope(envelope)
         except SnsVerificationError as exc:
             log.warning("feedback refused: %s", exc)
+            if exc.retryable:
+                return HttpResponse(503, "retry later")
             return HttpResponse(403, "refused")
         if outcome == "confirm-failed":
             return HttpResponse(502, outcome)
@@ -152,6 +168,7 @@ class FeedbackHandler:
             try:
                 self.verifier.confirm_subscription(message)
             except SnsVerificationError as exc:
+                metrics.feedback_refused("confirm")
                 log.warning("cannot confirm the subscription to %s: %s", message.topic_arn, exc)
                 return "confirm-failed"
             return "confirmed"
@@ -184,8 +201,9 @@ class FeedbackHandler:
         """Apply notifications saved one JSON object a line (SNS envelopes from an SQS queue,
         or raw SES notifications from SQS with raw delivery or a log).
 
-        Saved files are the operator's own data: envelopes are checked for signature only with
-        ``verify=True`` (their age is not checked: saved messages are old by nature).
+        Saved files are the operator's own data: envelopes are checked for signature and topic
+        only with ``verify=True`` (their age is not checked: saved messages are old by nature),
+        which needs the topic allow-list like the HTTP receivers.
         """
         try:
             with Path(path).open(encoding="utf-8") as handle:
@@ -196,6 +214,8 @@ class FeedbackHandler:
             raise SesTasksError(f"{path} is not UTF-8 text") from None
 
     def ingest_lines(self, lines: Iterable[str], *, verify: bool = False) -> IngestReport:
+        if verify:
+            self.require_topic_policy()
         report = IngestReport()
         for number, line in enumerate(lines, 1):
             if not line.strip():

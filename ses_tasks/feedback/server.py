@@ -13,7 +13,7 @@ import threading
 from http import HTTPStatus
 from typing import Any
 
-from ses_tasks.feedback.asgi import ASGIApp
+from ses_tasks.feedback.asgi import ASGIApp, FeedbackApp
 
 __all__ = ["ServerThread", "serve"]
 
@@ -114,7 +114,13 @@ async def serve(
     max_body_bytes: int = 1024 * 1024,
     started: asyncio.Future[int] | None = None,
 ) -> None:
-    """Serve ``app`` until cancelled; ``started`` gets the bound port (useful with port 0)."""
+    """Serve ``app`` until cancelled; ``started`` gets the bound port (useful with port 0).
+
+    A ``FeedbackApp``'s handler is built before listening, so a missing topic allow-list or
+    bad Redis settings stop the server at start, not at the first SNS POST.
+    """
+    if isinstance(app, FeedbackApp):
+        await asyncio.to_thread(lambda: app.handler)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

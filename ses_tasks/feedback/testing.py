@@ -1,8 +1,8 @@
 """Signed SNS messages for tests: a private RSA key, its certificate "hosted" at an SNS URL.
 
 ``SnsTestSigner().fetcher`` stands in for the network: pass it to ``SnsVerifier`` (or
-``FeedbackHandler.from_settings(fetcher=...)``) and every message the signer builds
-verifies, exactly as one signed by Amazon SNS would.
+``FeedbackHandler.from_settings(fetcher=...)``) with ``DEFAULT_TOPIC_ARN`` allowed, and every
+message the signer builds verifies, exactly as one signed by Amazon SNS would.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from ses_tasks.feedback.sns import (
 
 __all__ = ["DEFAULT_CERT_URL", "DEFAULT_TOPIC_ARN", "SnsTestSigner"]
 
+#: The canonical shape SNS uses: ``SimpleNotificationService-<hex>.pem`` on an SNS host.
 DEFAULT_CERT_URL = (
-    "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0000000000000000test.pem"
+    "https://sns.us-east-1.amazonaws.com/"
+    "SimpleNotificationService-00000000000000000000000000007e57.pem"
 )
 DEFAULT_TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
 
@@ -65,7 +67,8 @@ class SnsTestSigner:
         try:
             return self.hosted[url]
         except KeyError:
-            raise SnsVerificationError(f"cannot fetch {url}: 404 (test network)") from None
+            shown = url.split("?", 1)[0]  # a SubscribeURL's query holds the token
+            raise SnsVerificationError(f"cannot fetch {shown}: 404 (test network)") from None
 
     def sign(self, envelope: dict[str, Any], *, version: str = "1") -> dict[str, Any]:
         """Set SignatureVersion and Signature over the canonical string, in place."""

@@ -40,10 +40,12 @@ if TYPE_CHECKING:
     from ses_tasks.worker.runtime import WorkerRuntime
 
 __all__ = [
+    "FEEDBACK_REFUSAL_REASONS",
     "METRICS_PORT_ENV",
     "MULTIPROC_DIR_ENV",
     "PrometheusObserver",
     "enabled",
+    "feedback_refused",
     "make_registry",
     "prepare_multiprocess_dir",
     "setup_worker_process",
@@ -372,3 +374,58 @@ def shutdown_worker_process(**_: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())
+
+
+# --------------------------------------------------------------------------- feedback receiver
+
+#: ``reason`` values of ``ses_tasks_feedback_refused_total``. A fixed set, so hostile requests
+#: cannot grow the number of series; anything else is counted as ``other``.
+FEEDBACK_REFUSAL_REASONS = frozenset(
+    {
+        "not_json",
+        "not_sns",
+        "header_mismatch",
+        "body_too_large",
+        "malformed",
+        "type",
+        "topic",
+        "timestamp",
+        "signature",
+        "cert_url",
+        "cert_fetch",
+        "cert_fetch_budget",
+        "cert_invalid",
+        "confirm",
+        "other",
+    }
+)
+
+_feedback_refused: Any = None
+_feedback_lock = threading.Lock()
+
+
+def feedback_refused(reason: str) -> None:
+    """Count one refused SNS feedback request (``ses_tasks_feedback_refused_total{reason}``).
+
+    Lives in the receiving web process (``feedback serve``, Django, Flask), never in a worker,
+    so the lazy import cannot precede ``prepare_multiprocess_dir``. A no-op without
+    prometheus-client.
+    """
+    global _feedback_refused
+    label = reason if reason in FEEDBACK_REFUSAL_REASONS else "other"
+    if _feedback_refused is None:
+        with _feedback_lock:
+            if _feedback_refused is None:
+                try:
+                    from prometheus_client import Counter
+                except ImportError:
+                    _feedback_refused = False
+                else:
+                    _feedback_refused = Counter(
+                        "feedback_refused",
+                        "SNS feedback requests refused, by reason (topic, signature, ...).",
+                        ["reason"],
+                        namespace=NAMESPACE,
+                    )
+    if _feedback_refused:
+        _feedback_refused.labels(reason=label).inc()

@@ -12,7 +12,7 @@ from pathlib import Path
 from ses_tasks.feedback import FeedbackApp, FeedbackHandler
 from ses_tasks.feedback.server import ServerThread
 from ses_tasks.feedback.settings import FeedbackSettings
-from ses_tasks.feedback.testing import SnsTestSigner
+from ses_tasks.feedback.testing import DEFAULT_TOPIC_ARN, SnsTestSigner
 from ses_tasks.states import CampaignState, MessageState
 from ses_tasks.store.tracking import COUNTERS
 
@@ -54,7 +54,9 @@ def test_bounces_and_complaints_suppress_the_next_campaign(make_pipeline, tmp_pa
 
     signer = SnsTestSigner()
     handler = FeedbackHandler.from_settings(
-        pipeline.settings, FeedbackSettings(min_sample=1000), fetcher=signer.fetcher
+        pipeline.settings,
+        FeedbackSettings(min_sample=1000, allowed_topic_arns=DEFAULT_TOPIC_ARN),
+        fetcher=signer.fetcher,
     )
     with ServerThread(FeedbackApp(handler)) as server:
         confirmation = signer.subscription_confirmation()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ses_tasks.feedback import FeedbackHandler
 from ses_tasks.feedback.settings import FeedbackSettings
-from ses_tasks.feedback.testing import SnsTestSigner
+from ses_tasks.feedback.testing import DEFAULT_TOPIC_ARN, SnsTestSigner
 from ses_tasks.sandbox import SES_MESSAGE_ID_RE
 from ses_tasks.store.suppression import SuppressionList
 from ses_tasks.store.tracking import COUNTERS
@@ -50,7 +50,9 @@ def test_documented_examples_correlate_to_sent_messages(make_pipeline, tmp_path:
 
     signer = SnsTestSigner()
     handler = FeedbackHandler.from_settings(
-        pipeline.settings, FeedbackSettings(min_sample=1000), fetcher=signer.fetcher
+        pipeline.settings,
+        FeedbackSettings(min_sample=1000, allowed_topic_arns=DEFAULT_TOPIC_ARN),
+        fetcher=signer.fetcher,
     )
     client = pipeline.client
     for seq, (name, expected, suppress) in enumerate(EXAMPLES):

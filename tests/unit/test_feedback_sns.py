@@ -23,6 +23,7 @@ def signer() -> SnsTestSigner:
 
 
 def verifier(signer: SnsTestSigner, **kwargs) -> SnsVerifier:
+    kwargs.setdefault("allowed_topic_arns", [DEFAULT_TOPIC_ARN])
     return SnsVerifier(fetcher=signer.fetcher, **kwargs)
 
 
@@ -77,7 +78,7 @@ def test_canonical_string_follows_the_documented_field_order():
     ("mutate", "reason"),
     [
         (lambda e: e.update(Message=e["Message"].replace("Bounce", "Delivery")), "does not match"),
-        (lambda e: e.update(TopicArn=e["TopicArn"] + "x"), "does not match"),
+        (lambda e: e.update(TopicArn=e["TopicArn"] + "x"), "not allowed"),
         (lambda e: e.pop("Signature"), "unsigned"),
         (lambda e: e.update(Signature=""), "unsigned"),
         (lambda e: e.update(Signature="not base64!"), "base64"),
@@ -105,6 +106,12 @@ def test_canonical_string_follows_the_documented_field_order():
         ),
         (
             lambda e: e.update(SigningCertURL="https://sns.us-east-1.amazonaws.com/other.pem"),
+            "SimpleNotificationService-<hex>.pem",
+        ),
+        (
+            lambda e: e.update(
+                SigningCertURL="https://sns.us-east-1.amazonaws.com/SimpleNotificationService-ab.pem"
+            ),
             "cannot fetch",
         ),
     ],
@@ -137,7 +144,9 @@ def test_topic_allow_list(signer):
     other = signer.notification("x", topic_arn="arn:aws:sns:us-east-1:999999999999:other")
     with pytest.raises(SnsVerificationError, match="not allowed"):
         allowed.verify(other)
-    verifier(signer).verify(other)  # empty allow-list accepts any topic
+    with pytest.raises(SnsVerificationError, match="no topic is"):
+        verifier(signer, allowed_topic_arns=[]).verify(other)  # empty allow-list: fail closed
+    verifier(signer, allowed_topic_arns=[], allow_any_topic=True).verify(other)  # dev flag
 
 
 def test_old_timestamps_are_refused_unless_age_is_not_checked(signer):

@@ -93,6 +93,10 @@ class Keys:
         """Live worker processes (``token|batches at once`` -> heartbeat deadline, ms)."""
         return f"{self.prefix}:workers"
 
+    def consumers(self, queue: str) -> str:
+        """Worker processes consuming ``queue`` (token -> heartbeat deadline, ms)."""
+        return f"{self.prefix}:consumers:{queue}"
+
     def suppression(self) -> str:
         return f"{self.prefix}:suppressed"
 

@@ -28,8 +28,10 @@ from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.ratelimit import Priority
 from ses_tasks.message.spec import CampaignTemplate, MessageSpec, render_message
 from ses_tasks.produce.campaigns import CampaignControl, CampaignProducer, ProgressCallback
-from ses_tasks.queue.app import create_app
+from ses_tasks.produce.consumers import ConsumerWatch
+from ses_tasks.queue.app import bulk_queue, create_app, transactional_queue
 from ses_tasks.queue.publish import publish_job
+from ses_tasks.smtp.endpoint import PortMode
 from ses_tasks.states import MessageState
 from ses_tasks.store.connections import sync_redis
 from ses_tasks.store.suppression import SuppressionList
@@ -90,6 +92,10 @@ class SesTasks:
         return SuppressionList(self.redis, key_prefix=self.settings.key_prefix)
 
     @cached_property
+    def _consumers(self) -> ConsumerWatch:
+        return ConsumerWatch(self.redis, self.store.keys)
+
+    @cached_property
     def _producer(self) -> CampaignProducer:
         return CampaignProducer(self.settings, self.store, self.app)
 
@@ -142,6 +148,12 @@ class SesTasks:
                 )
                 with contextlib.suppress(Exception):
                     self.store.mark_due_now(TRANSACTIONAL, [message_id])
+            mode = self.settings.endpoint.mode
+            self._consumers.check(
+                transactional_queue(mode),
+                hint=f"this process sends in {mode.value} mode; start `ses-tasks worker "
+                f"--mode {mode.value}` or align SES_TASKS_MODE/SES_TASKS_PORT",
+            )
         return MessageResult(message_id, app=self.app)
 
     # Campaigns ---------------------------------------------------------------------------
@@ -177,7 +189,7 @@ class SesTasks:
             max_bytes=self.settings.max_message_bytes,
             **options,
         )
-        return self._producer.send(
+        status = self._producer.send(
             template,
             recipients,
             campaign_id=campaign_id,
@@ -186,6 +198,9 @@ class SesTasks:
             weight=weight,
             profile=profile,
         )
+        # The fleet's dispatcher hands batches to a bulk queue of either port mode.
+        self._consumers.check(*(bulk_queue(m) for m in PortMode), hint="campaign stored")
+        return status
 
     def set_weight(self, campaign_id: str, weight: float) -> None:
         """Change a campaign's share of the rate while it runs."""

@@ -137,6 +137,8 @@ class Dispatcher:
         await leadership.release(self.rt.redis, self.rt.store.keys.dispatcher_lock(), self.rt.token)
         with contextlib.suppress(*STORE_ERRORS):  # the window shrinks now, not at expiry
             await self.rt.redis.zrem(self.rt.store.keys.workers(), self._member())
+            for queue in self.rt.consumed_queues:
+                await self.rt.redis.zrem(self.rt.store.keys.consumers(queue), self.rt.token)
 
     async def _still_leader(self) -> bool:
         """Renew the lock before each take: a slow round never overlaps another leader's."""
@@ -161,9 +163,14 @@ class Dispatcher:
         if now < self._next_beat:
             return
         self._next_beat = now + HEARTBEAT_S
-        await self.rt.redis.zadd(
-            self.rt.store.keys.workers(), {self._member(): int((now + 3 * HEARTBEAT_S) * 1000)}
-        )
+        deadline = int((now + 3 * HEARTBEAT_S) * 1000)
+        keys = self.rt.store.keys
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.workers(), {self._member(): deadline})
+            for queue in self.rt.consumed_queues:
+                pipe.zremrangebyscore(keys.consumers(queue), "-inf", int(now * 1000))
+                pipe.zadd(keys.consumers(queue), {self.rt.token: deadline})
+            await pipe.execute()
 
     def _member(self) -> str:
         return f"{self.rt.token}|{self.rt.bulk_capacity}"

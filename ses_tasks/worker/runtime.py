@@ -69,6 +69,9 @@ class WorkerRuntime:
         self._dispatcher_task: concurrent.futures.Future[None] | None = None
         #: Batches this process takes at once from bulk queues (0: it consumes none).
         self.bulk_capacity = settings.batches_per_process
+        #: The broker queues this process's worker consumes (heartbeats name them, so a
+        #: producer can tell when nobody consumes its queue).
+        self.consumed_queues: tuple[str, ...] = ()
         #: Set at close: running batches hand their rest back instead of sending on.
         self.stopping = False
         self._stop_event = asyncio.Event()

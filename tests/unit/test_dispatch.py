@@ -217,6 +217,7 @@ class FakeRuntime:
         self.store = AsyncStatusStore(self.redis, key_prefix="t")
         self.token = "proc-1"
         self.bulk_capacity = 2
+        self.consumed_queues: tuple[str, ...] = ()
         self.lanes = {
             name: Lane(name, self.settings.for_profile(name), self.redis, None)
             for name in ["", *self.settings.profiles]

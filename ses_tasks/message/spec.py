@@ -28,18 +28,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.headerregistry import Address as EmailAddress
 from email.message import EmailMessage
-from functools import lru_cache
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit
 
 import jinja2
-from email_validator import EmailNotValidError, validate_email
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from ses_tasks.errors import ValidationError
 from ses_tasks.message import mime
+from ses_tasks.message.address import NAME_ADDR_RE, ascii_addr_spec, ascii_domain
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -96,7 +95,6 @@ _MESSAGE_ID_RE = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
 )
 _URL_FORBIDDEN_RE = re.compile(r"[^\x21-\x7e]|[<>,]")
-_NAME_ADDR_RE = re.compile(r"(.*?)\s*<([^<>]*)>\s*")
 _WSP_RUN_RE = re.compile(r"[ \t]\s*")
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 
@@ -116,45 +114,6 @@ class Address:
         return self.addr_spec.rpartition("@")[2]
 
 
-@lru_cache(maxsize=4096)
-def _check_addr_spec(addr: str) -> str:
-    """ASCII addr-spec, or raise ValueError with the reason (cached: senders repeat)."""
-    try:
-        result = validate_email(addr, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        raise ValueError(f"not a valid email address: {exc}") from None
-    if not result.local_part.isascii():
-        raise ValueError(
-            "non-ASCII characters before the @ are refused (SES needs 7-bit addresses)"
-        )
-    return f"{result.local_part}@{result.ascii_domain}"
-
-
-#: A dot-atom local part of the most common characters: email-validator accepts it as is.
-_SIMPLE_LOCAL_RE = re.compile(r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*")
-_MAX_LOCAL_CHARS = 64
-_MAX_ADDRESS_CHARS = 254
-
-
-def _addr_spec(addr: str) -> str:
-    """:func:`_check_addr_spec`, with the domain checked once per domain, not per address.
-
-    A campaign's recipients are mostly unique but share a few domains; a plain local part
-    needs no normalisation, so only the (cached) domain check remains. Anything else, and
-    every failure, goes through the full check so errors read the same.
-    """
-    local, at, domain = addr.rpartition("@")
-    if at and len(local) <= _MAX_LOCAL_CHARS and _SIMPLE_LOCAL_RE.fullmatch(local):
-        try:
-            ascii_domain = _check_addr_spec("postmaster@" + domain).partition("@")[2]
-        except ValueError:
-            return _check_addr_spec(addr)
-        spec = f"{local}@{ascii_domain}"
-        if len(spec) <= _MAX_ADDRESS_CHARS:
-            return spec
-    return _check_addr_spec(addr)
-
-
 def parse_address(value: str, field: str, *, allow_display_name: bool = True) -> Address:
     """``a@b`` or ``Name <a@b>`` -> :class:`Address`, or :class:`ValidationError` on ``field``.
 
@@ -167,7 +126,7 @@ def parse_address(value: str, field: str, *, allow_display_name: bool = True) ->
     mime.check_header_text(value, field)
     display_name: str | None = None
     addr = value.strip()
-    match = _NAME_ADDR_RE.fullmatch(addr)
+    match = NAME_ADDR_RE.fullmatch(addr)
     if match is not None:
         if not allow_display_name:
             raise ValidationError(field, "give a bare address (a@example.com), not a name")
@@ -186,7 +145,7 @@ def parse_address(value: str, field: str, *, allow_display_name: bool = True) ->
     if "<" in addr or ">" in addr:
         raise ValidationError(field, "not a valid email address: unbalanced '<' or '>'")
     try:
-        return Address(display_name, _addr_spec(addr))
+        return Address(display_name, ascii_addr_spec(addr))
     except ValueError as exc:
         raise ValidationError(field, str(exc)) from None
 
@@ -385,7 +344,7 @@ def _check_message_id(message_id: str) -> str:
 
 def _ascii_domain(domain: str, field: str) -> str:
     try:
-        return _check_addr_spec("postmaster@" + domain).partition("@")[2]
+        return ascii_domain(domain)
     except ValueError:
         raise ValidationError(field, f"{domain!r} is not a valid domain name") from None
 

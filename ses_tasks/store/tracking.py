@@ -25,6 +25,7 @@ from ses_tasks.errors import CampaignError
 from ses_tasks.keys import CAMPAIGN_ID_RE, TRANSACTIONAL, Keys, campaign_of
 from ses_tasks.states import OPEN_STATES, CampaignState, ClaimDecision, MessageState
 from ses_tasks.store.scripts import tracking_script
+from ses_tasks.store.suppression import lookup_fields
 
 __all__ = [
     "COUNTERS",
@@ -836,10 +837,18 @@ class AsyncStatusStore(_Base):
         return json.loads(raw) if raw else None
 
     async def suppressed(self, emails: Sequence[str]) -> list[bool]:
+        """Whether each of ``emails`` is on the suppression list, looked up by its canonical
+        form (Punycode domain, lower case) as the list is written, so a unicode recipient
+        matches the Punycode address SES reported and the other way round."""
         if not emails:
             return []
-        raw = await self.redis.hmget(self.keys.suppression(), [e.lower() for e in emails])
-        return [v is not None for v in raw]
+        fields = [lookup_fields(e) for e in emails]
+        raw = await self.redis.hmget(self.keys.suppression(), [f for fs in fields for f in fs])
+        found, at = [], 0
+        for fs in fields:
+            found.append(any(v is not None for v in raw[at : at + len(fs)]))
+            at += len(fs)
+        return found
 
     # The sweeper -----------------------------------------------------------------------
 

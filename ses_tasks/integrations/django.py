@@ -13,6 +13,7 @@ in the workers, and each message's handle is left on it as ``message.ses_tasks_r
 from __future__ import annotations
 
 import json
+import logging
 import mimetypes
 import threading
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ DEFAULT_ATTACHMENT_TYPE = "application/octet-stream"
 GENERATED_HEADERS = frozenset({"message-id", "date", "mime-version"})
 #: Headers that would change recipients or sender only in the header, not the envelope.
 ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc"})
+
+log = logging.getLogger(__name__)
 
 _clients: dict[str, SesTasks] = {}
 _clients_lock = threading.Lock()
@@ -175,18 +178,46 @@ class EmailBackend(BaseEmailBackend):
             if not message.recipients():
                 continue
             try:
-                result = client.send_email(**message_fields(message))
-            except SesTasksError:
-                if self.fail_silently:
-                    continue
-                raise
-            except Exception as exc:  # the broker or Redis is unreachable
-                if self.fail_silently:
-                    continue
-                raise SesTasksError(
-                    f"cannot enqueue the message ({type(exc).__name__}); "
-                    "check SES_TASKS_BROKER_URL and SES_TASKS_REDIS_URL"
-                ) from exc
+                try:
+                    result = client.send_email(**message_fields(message))
+                except ValidationError as exc:
+                    raise _explained(exc, message) from None
+                except SesTasksError:
+                    raise
+                except Exception as exc:  # the broker or Redis is unreachable
+                    raise SesTasksError(
+                        f"cannot enqueue the message ({type(exc).__name__}); "
+                        "check SES_TASKS_BROKER_URL and SES_TASKS_REDIS_URL"
+                    ) from exc
+            except SesTasksError as exc:
+                if not self.fail_silently:
+                    raise
+                # Django's mail_admins/AdminEmailHandler send with fail_silently=True: say
+                # why the mail was dropped rather than drop it without a word.
+                log.warning(
+                    "email %r to %d recipients not sent: %s",
+                    str(message.subject)[:80],
+                    len(message.recipients()),
+                    exc,
+                )
+                continue
             message.ses_tasks_result = result  # type: ignore[attr-defined]
             sent += 1
         return sent
+
+
+def _explained(exc: ValidationError, message: EmailMessage) -> ValidationError:
+    """Name Django's placeholder senders: SES only sends from verified identities."""
+    sender = str(message.from_email or django_settings.DEFAULT_FROM_EMAIL)
+    if exc.field == "from" and sender.rsplit("@", 1)[-1].lower().rstrip(">") == "localhost":
+        setting = (
+            "SERVER_EMAIL"
+            if sender == getattr(django_settings, "SERVER_EMAIL", "")
+            else ("DEFAULT_FROM_EMAIL")
+        )
+        return ValidationError(
+            "from",
+            f"{sender!r} is Django's default {setting}; set {setting} to an address or "
+            "domain verified in SES",
+        )
+    return exc

@@ -17,6 +17,7 @@ if not settings.configured:
         DEFAULT_FROM_EMAIL="Site <site@example.com>",
         INSTALLED_APPS=[],
         USE_TZ=True,
+        SECRET_KEY="test-only",  # AdminEmailHandler's error report needs one
     )
     django.setup()
 
@@ -159,3 +160,42 @@ def test_unsupported_parts_are_refused_by_name(build, field):
     with pytest.raises(ValidationError) as info:
         message_fields(message)
     assert info.value.field == field
+
+
+def test_mail_admins_and_admin_email_handler_with_the_default_server_email(caplog):
+    """Django's SERVER_EMAIL defaults to root@localhost, which SES cannot send from:
+    mail_admins says so, and AdminEmailHandler (silent) logs why instead of dropping."""
+    import logging
+
+    from django.utils.log import AdminEmailHandler
+
+    with override_settings(
+        ADMINS=[("Ops", "ops@example.com")],
+        SERVER_EMAIL="root@localhost",
+        SES_TASKS={"host": "localhost", "port": 465},
+    ):
+        with pytest.raises(ValidationError, match="SERVER_EMAIL"):
+            mail.mail_admins("disk full", "the disk is full")
+        caplog.set_level(logging.WARNING, logger="ses_tasks.integrations.django")
+        record = logging.LogRecord("app", logging.ERROR, __file__, 1, "boom", None, None)
+        AdminEmailHandler().emit(record)
+    [warning] = [r for r in caplog.records if "not sent" in r.getMessage()]
+    assert "root@localhost" in warning.getMessage() and "SERVER_EMAIL" in warning.getMessage()
+
+
+def test_the_default_server_email_is_named_loudly_and_logged_when_silent(caplog):
+    import logging
+
+    message = mail.EmailMessage("disk full", "body", "root@localhost", ["ops@example.com"])
+    backend = EmailBackend(ses_tasks={"host": "localhost", "port": 465})
+    with override_settings(SERVER_EMAIL="root@localhost"):
+        with pytest.raises(ValidationError) as raised:
+            backend.send_messages([message])
+        assert raised.value.field == "from"
+        assert "SERVER_EMAIL" in str(raised.value) and "verified in SES" in str(raised.value)
+
+        caplog.set_level(logging.WARNING, logger="ses_tasks.integrations.django")
+        silent = EmailBackend(fail_silently=True, ses_tasks={"host": "localhost", "port": 465})
+        assert silent.send_messages([message]) == 0
+    [record] = [r for r in caplog.records if "not sent" in r.getMessage()]
+    assert "SERVER_EMAIL" in record.getMessage() and "disk full" in record.getMessage()

@@ -1,9 +1,19 @@
-"""``ses-tasks``: the command line. User errors print one line on stderr, never a traceback."""
+"""``ses-tasks``: the command line.
+
+Exit status, the same for every command: 0 success; 1 a runtime failure (Redis or the
+broker unreachable or refusing, an SMTP error, a store failure, a campaign that does not
+exist or cannot be changed in its state, an unexpected error); 2 a usage error (a bad
+option or argument, an invalid input file or field, invalid configuration). A failure is
+one line on stderr, ``ses-tasks: error: ...``, never a traceback (``SES_TASKS_DEBUG=1``
+shows the traceback of an unexpected error). ``--json`` prints exactly one JSON document
+on stdout; logs, progress and errors go to stderr.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import os
@@ -13,61 +23,180 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn
 
 import click
 import redis
 
 from ses_tasks.config import Settings, load_settings
-from ses_tasks.errors import SesTasksError
+from ses_tasks.errors import ConfigurationError, SesTasksError, ValidationError
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_USER_ERROR = 2
+EXIT_OK = 0
+#: A runtime failure: a service unreachable, SMTP, the store, a campaign's state.
 EXIT_FAILURE = 1
+#: A usage error: options, arguments, input files and fields, configuration.
+EXIT_USAGE = 2
+EXIT_USER_ERROR = EXIT_USAGE  # the former name
+EXIT_INTERRUPTED = 130
 
+#: Set to 1 to see the traceback of an unexpected error instead of one line.
+DEBUG_ENV = "SES_TASKS_DEBUG"
 
-def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    click.echo(f"ses-tasks: error: {message}", err=True)
-    sys.exit(code)
+#: Interactive publishing gives up sooner than the app's policy (about 11 s, for producers
+#: that must not lose a message): pauses of 0, 0.5, 1 s. Whatever is recorded but not
+#: published is swept later, so a short policy loses nothing.
+CLI_PUBLISH_RETRY_POLICY = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
+}
+#: ``send`` checks the broker first, so an unreachable one fails before anything is
+#: recorded: connection attempts after pauses of 0 and 0.5 s.
+BROKER_CHECK = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
+EXIT_CODES_EPILOG = """\b
+Exit status:
+  0  success
+  1  runtime failure: Redis or the broker unreachable, an SMTP error, a
+     store failure, a campaign that does not exist or cannot be changed in
+     its state, an unexpected error
+  2  usage error: a bad option or argument, an invalid input file or field,
+     invalid configuration
+Errors are one line on stderr; --json prints exactly one JSON document on
+stdout. SES_TASKS_DEBUG=1 shows the traceback of an unexpected error."""
 
 #: What the sandbox extra brings (the local endpoint, embedded Redis, the demo).
 SANDBOX_MODULES = frozenset({"aiosmtpd", "trustme", "fakeredis", "lupa"})
 
+log = logging.getLogger("ses_tasks.ops.cli")
 
-def user_errors(func: F) -> F:
-    """Turn our errors and unreachable services into one clear line and an exit status."""
 
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(f"ses-tasks: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _redis_problem(exc: redis.RedisError) -> str:
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return f"cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL"
+    return f"Redis refused a command ({type(exc).__name__}: {exc}); check SES_TASKS_REDIS_URL"
+
+
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    from kombu.exceptions import KombuError
+
+    try:
+        from amqp.exceptions import AMQPError
+    except ImportError:  # pragma: no cover - amqp comes with kombu
+        return (KombuError,)
+    return (KombuError, AMQPError)
+
+
+def explain(exc: BaseException) -> tuple[str, int] | None:
+    """The one line and exit status for an error we expect; None if it is unexpected."""
+    if isinstance(exc, ValidationError | ConfigurationError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, SesTasksError):
+        # CampaignError, DeliveryError (SMTP), a store or broker failure.
+        cause = exc.__cause__
+        if isinstance(cause, redis.RedisError) and str(cause) not in str(exc):
+            return f"{exc} ({cause}); check SES_TASKS_REDIS_URL", EXIT_FAILURE
+        return str(exc), EXIT_FAILURE
+    if isinstance(exc, redis.RedisError):
+        return _redis_problem(exc), EXIT_FAILURE
+    if isinstance(exc, _broker_errors()):
+        return f"cannot use the broker ({exc}); check SES_TASKS_BROKER_URL", EXIT_FAILURE
+    if isinstance(exc, ModuleNotFoundError) and exc.name in SANDBOX_MODULES:
+        return f"{exc.name} is not installed: pip install 'ses-tasks[sandbox]'", EXIT_FAILURE
+    return None
+
+
+class SesTasksGroup(click.Group):
+    """The root group: every error below it ends as one line and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
-            return func(*args, **kwargs)
-        except SesTasksError as exc:
-            _fail(str(exc))
-        except redis.ConnectionError as exc:
-            _fail(f"cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL", EXIT_FAILURE)
-        except ModuleNotFoundError as exc:
-            if exc.name not in SANDBOX_MODULES:
-                raise
-            _fail(f"{exc.name} is not installed: pip install 'ses-tasks[sandbox]'", EXIT_FAILURE)
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click prints usage errors and exits 2 (Exit, Abort: as asked)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        return None
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise  # click ends quietly when stdout's reader went away
+            _unexpected(exc)
+        except Exception as exc:
+            _unexpected(exc)
 
-    return wrapper  # type: ignore[return-value]
+
+def _unexpected(exc: Exception) -> NoReturn:
+    known = explain(exc)
+    if known is not None:
+        _fail(*known)
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        raise exc
+    _fail(
+        f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)",
+        EXIT_FAILURE,
+    )
 
 
 def _settings(**overrides: Any) -> Settings:
     return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def _client(**overrides: Any) -> Any:
-    from ses_tasks.produce.client import SesTasks
+class _PublishWatch:
+    """Keeps what a publish raised: the client logs it and leaves the message to the
+    sweeper, without raising."""
 
-    return SesTasks(_settings(**overrides))
+    def __init__(self) -> None:
+        self.failures: list[Exception] = []
+
+    def attach(self, app: Any) -> None:
+        send_task = app.send_task
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return send_task(*args, **kwargs)
+            except Exception as exc:
+                self.failures.append(exc)
+                raise
+
+        setattr(app, "send_task", watched)  # noqa: B010 - an instance attribute, not a method
+
+
+def _client(settings: Settings | None = None, watch: _PublishWatch | None = None) -> Any:
+    """The client, with the CLI's short publish retry policy."""
+    from ses_tasks.produce.client import SesTasks
+    from ses_tasks.queue.app import create_app
+
+    settings = settings or _settings()
+    app = create_app(settings)
+    app.conf.update(task_publish_retry_policy=dict(CLI_PUBLISH_RETRY_POLICY))
+    if watch is not None:
+        watch.attach(app)
+    return SesTasks(settings, celery_app=app)
+
+
+def _check_broker(client: Any) -> None:
+    """Fail (exit 1) now if the broker cannot be reached, before anything is recorded."""
+
+    def retrying(exc: Exception, interval: float) -> None:
+        log.info("broker not reachable (%s); trying again in %.1f s", exc, interval)
+
+    errors: tuple[type[BaseException], ...] = (*_broker_errors(), OSError, redis.RedisError)
+    connection = client.app.connection_for_write()
+    try:
+        connection.ensure_connection(errback=retrying, **BROKER_CHECK)
+    except errors as exc:
+        _fail(
+            f"cannot reach the broker ({exc}); nothing was enqueued; check SES_TASKS_BROKER_URL",
+            EXIT_FAILURE,
+        )
+    finally:
+        connection.release()
 
 
 def _read(path: str | None, what: str) -> str | None:
@@ -76,45 +205,56 @@ def _read(path: str | None, what: str) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise SesTasksError(f"--{what}: cannot read {path}: {exc.strerror}") from None
+        raise ValidationError(f"--{what}", f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise SesTasksError(f"--{what}: {path} is not UTF-8 text") from None
+        raise ValidationError(f"--{what}", f"{path} is not UTF-8 text") from None
 
 
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, default=str, sort_keys=False))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+JSON_HELP = "Print exactly one JSON document on stdout (errors still go to stderr)."
+PROFILE_HELP = "Sender profile (SES account/region); default: the unnamed one."
+
+
+@click.group(
+    cls=SesTasksGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXIT_CODES_EPILOG,
+)
 @click.version_option(package_name="ses-tasks")
-@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+@click.option("-v", "--verbose", count=True, help="Log more on stderr (-v: info, -vv: debug).")
 def main(verbose: int) -> None:
     """Bulk and transactional email through Amazon SES SMTP, with Celery."""
-    # Commands report failures as one line; library warnings only with -v.
+    # Commands report failures as one line; library warnings only with -v. Logs go to
+    # stderr, so that stdout carries only a command's output.
     level = {0: logging.ERROR, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="ses-tasks: %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="ses-tasks: %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # send ------------------------------------------------------------------------------------
 
+#: How long ``send --wait`` waits for the final state.
+SEND_WAIT_S = 300
+
 
 @main.command()
 @click.option("--from", "from_", required=True, help="Sender, 'Name <addr>' allowed.")
-@click.option("--to", multiple=True, required=True)
-@click.option("--cc", multiple=True)
-@click.option("--bcc", multiple=True)
-@click.option("--reply-to", multiple=True)
-@click.option("--subject", required=True)
+@click.option("--to", multiple=True, required=True, help="Recipient (repeat for several).")
+@click.option("--cc", multiple=True, help="Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, help="Bcc recipient (repeatable).")
+@click.option("--reply-to", multiple=True, help="Reply-To address (repeatable).")
+@click.option("--subject", required=True, help="Subject line.")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False), help="Text body file.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="HTML body file.")
 @click.option("--idempotency-key", help="Enqueue the same key twice, send once.")
 @click.option("--direct", is_flag=True, help="Send now through the pool, without the queue.")
-@click.option(
-    "--profile", default="", help="Sender profile (SES account/region); default: the unnamed one."
-)
-@click.option("--wait", is_flag=True, help="Wait for the final state.")
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option("--profile", default="", help=PROFILE_HELP)
+@click.option("--wait", is_flag=True, help=f"Wait (up to {SEND_WAIT_S} s) for the final state.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def send(
     from_: str,
     to: tuple[str, ...],
@@ -130,7 +270,11 @@ def send(
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Send one message: enqueued (prints the message id) or --direct (prints the SES id)."""
+    """Send one message: enqueued (prints the message id) or --direct (prints the SES id).
+
+    Enqueueing checks the broker first: if it cannot be reached, nothing is recorded and
+    the command exits 1. With --wait it exits 1 unless the message was sent.
+    """
     fields = {
         "from": from_,
         "to": list(to),
@@ -142,22 +286,43 @@ def send(
         "html": _read(html_file, "html"),
         "idempotency_key": idempotency_key,
     }
+    watch = _PublishWatch()
+    client = _client(watch=watch)
     if direct:
         from ses_tasks.ops.direct import send_direct
 
-        settings = _client().sender(profile)
-        result = send_direct(settings, fields)
+        result = send_direct(client.sender(profile), fields)
         if as_json:
             _print_json({"state": "sent", "ses_message_id": result.ses_message_id})
         else:
             click.echo(result.ses_message_id)
         return
-    client = _client()
+    client.build_message(profile=profile, **fields)  # invalid input: exit 2, broker or not
+    _check_broker(client)
     handle = client.send_email(profile=profile, **fields)
+    for exc in watch.failures[-1:]:
+        # Recorded, so not lost: the workers' sweeper publishes it once the broker is back.
+        click.echo(
+            f"ses-tasks: warning: message {handle.message_id} is recorded but the broker did "
+            f"not take it ({exc}); the workers publish it once the broker is back: do not "
+            "send it again",
+            err=True,
+        )
     if not wait:
         _print_json({"id": handle.message_id}) if as_json else click.echo(handle.message_id)
         return
-    record = handle.get(timeout=300, propagate=False)
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    try:
+        record = handle.get(timeout=SEND_WAIT_S, propagate=False)
+    except ResultTimeout:
+        _fail(
+            f"message {handle.message_id} is not final after {SEND_WAIT_S} s (is a worker "
+            "running for its queue?)",
+            EXIT_FAILURE,
+        )
+    if not isinstance(record, dict):
+        record = {"id": handle.message_id, "state": "failed", "reason": str(record)}
     if as_json:
         _print_json(record)
     else:
@@ -165,7 +330,8 @@ def send(
             f"{handle.message_id} {record.get('state')} {record.get('ses_message_id') or ''}"
         )
     if record.get("state") != "sent":
-        sys.exit(EXIT_FAILURE)
+        reason = record.get("reason") or "no reason recorded"
+        _fail(f"message {handle.message_id} is {record.get('state')}: {reason}", EXIT_FAILURE)
 
 
 # campaign --------------------------------------------------------------------------------
@@ -177,16 +343,25 @@ def campaign() -> None:
 
 
 @campaign.command("send")
-@click.option("--from", "from_", required=True)
+@click.option("--from", "from_", required=True, help="Sender, 'Name <addr>' allowed.")
 @click.option("--subject", required=True, help="Jinja2 template.")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False))
-@click.option("--html", "html_file", type=click.Path(dir_okay=False))
-@click.option("--recipients", required=True, type=click.Path(dir_okay=False))
-@click.option("--id", "campaign_id")
-@click.option("--reply-to", multiple=True)
+@click.option(
+    "--text", "text_file", type=click.Path(dir_okay=False), help="Text body file (Jinja2)."
+)
+@click.option(
+    "--html", "html_file", type=click.Path(dir_okay=False), help="HTML body file (Jinja2)."
+)
+@click.option(
+    "--recipients",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="CSV file with an 'email' column (other columns are template variables), or JSONL.",
+)
+@click.option("--id", "campaign_id", help="Campaign id; default: a new one.")
+@click.option("--reply-to", multiple=True, help="Reply-To address (repeatable).")
 @click.option("--unsubscribe-url", help="List-Unsubscribe one-click URL (template).")
-@click.option("--unsubscribe-mailto")
-@click.option("--tag", "tags", multiple=True, help="SES message tag name=value.")
+@click.option("--unsubscribe-mailto", help="List-Unsubscribe mailto: address.")
+@click.option("--tag", "tags", multiple=True, help="SES message tag name=value (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted enqueue of --id.")
 @click.option(
     "--weight",
@@ -195,12 +370,9 @@ def campaign() -> None:
     show_default=True,
     help="Share of the rate against other running campaigns (2 = twice a campaign of 1).",
 )
-@click.option(
-    "--profile", default="", help="Sender profile (SES account/region); default: the unnamed one."
-)
+@click.option("--profile", default="", help=PROFILE_HELP)
 @click.option("--wait", is_flag=True, help="Show progress until every message is final.")
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def campaign_send(
     from_: str,
     subject: str,
@@ -218,10 +390,11 @@ def campaign_send(
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Enqueue a campaign; recipients is a CSV (email column) or JSONL file."""
+    """Enqueue a campaign; prints its id. With --wait, exits 1 unless it completed."""
     from ses_tasks.ops.progress import enqueue_progress, wait_progress
 
-    client = _client()
+    if resume and not campaign_id:
+        raise click.UsageError("--resume needs --id (the campaign to continue)")
     options: dict[str, Any] = {}
     if reply_to:
         options["reply_to"] = list(reply_to)
@@ -231,13 +404,15 @@ def campaign_send(
         options["list_unsubscribe_mailto"] = unsubscribe_mailto
     if tags:
         options["tags"] = dict(_parse_tag(t) for t in tags)
+    text, html = _read(text_file, "text"), _read(html_file, "html")
+    client = _client()
     quiet = as_json or not sys.stderr.isatty()
     with enqueue_progress(Path(recipients), quiet=quiet) as advance:
         status = client.send_campaign(
             from_=from_,
             subject=subject,
-            text=_read(text_file, "text"),
-            html=_read(html_file, "html"),
+            text=text,
+            html=html,
             recipients=recipients,
             campaign_id=campaign_id,
             progress=advance,
@@ -261,7 +436,7 @@ def campaign_send(
 def _parse_tag(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep:
-        raise SesTasksError(f"--tag {text!r}: use name=value")
+        raise ValidationError("--tag", f"{text!r}: use name=value")
     return name, value
 
 
@@ -274,10 +449,9 @@ def _counts_line(data: dict[str, Any]) -> str:
 
 @campaign.command("status")
 @click.argument("campaign_id")
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def campaign_status(campaign_id: str, as_json: bool) -> None:
-    """Counters by state (they always add up to the total), share of the rate and ETA."""
+    """Counters of CAMPAIGN_ID by state (they add up to the total), share of the rate, ETA."""
     from ses_tasks.ops.direct import effective_rates
     from ses_tasks.ops.schedule import fleet_schedule
 
@@ -307,44 +481,43 @@ def campaign_status(campaign_id: str, as_json: bool) -> None:
 
 @campaign.command("failures")
 @click.argument("campaign_id")
-@user_errors
 def campaign_failures(campaign_id: str) -> None:
-    """CSV of email,state,code,reason for every message not sent."""
+    """CSV of email,state,code,reason,message_id for every message of CAMPAIGN_ID not sent."""
+    rows = [
+        [
+            record.email or "",
+            record.state.value,
+            record.code or "",
+            record.reason,
+            record.message_id,
+        ]
+        for record in _client().failures(campaign_id)
+    ]  # read before writing: a store failure leaves no half-written CSV on stdout
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(["email", "state", "code", "reason", "message_id"])
-    for record in _client().failures(campaign_id):
-        writer.writerow(
-            [
-                record.email or "",
-                record.state.value,
-                record.code or "",
-                record.reason,
-                record.message_id,
-            ]
-        )
+    writer.writerows(rows)
 
 
 @campaign.command("pause")
 @click.argument("campaign_id")
-@user_errors
 def campaign_pause(campaign_id: str) -> None:
-    """Workers stop between messages; the rest waits, deferred."""
+    """Pause CAMPAIGN_ID: workers stop between messages; the rest waits, deferred."""
     changed = _client().pause(campaign_id)
     click.echo(f"{campaign_id}: {'paused' if changed else 'already paused'}")
 
 
 @campaign.command("resume")
 @click.argument("campaign_id")
-@user_errors
 def campaign_resume(campaign_id: str) -> None:
+    """Resume the paused CAMPAIGN_ID: its deferred messages are enqueued again."""
     count = _client().resume(campaign_id)
     click.echo(f"{campaign_id}: resumed, {count} deferred messages re-enqueued")
 
 
 @campaign.command("cancel")
 @click.argument("campaign_id")
-@user_errors
 def campaign_cancel(campaign_id: str) -> None:
+    """Cancel CAMPAIGN_ID: nothing more of it is sent; its open messages end cancelled."""
     count = _client().cancel(campaign_id)
     click.echo(f"{campaign_id}: cancelled ({count} parked messages cancelled now)")
 
@@ -356,8 +529,8 @@ def campaign_cancel(campaign_id: str) -> None:
     is_flag=True,
     help="Also resend messages whose outcome is unknown (may duplicate).",
 )
-@user_errors
 def campaign_retry_failed(campaign_id: str, include_unknown: bool) -> None:
+    """Send the failed messages of CAMPAIGN_ID again."""
     count = _client().retry_failed(campaign_id, include_unknown=include_unknown)
     click.echo(f"{campaign_id}: {count} messages re-enqueued")
 
@@ -365,17 +538,15 @@ def campaign_retry_failed(campaign_id: str, include_unknown: bool) -> None:
 @campaign.command("weight")
 @click.argument("campaign_id")
 @click.argument("weight", type=float)
-@user_errors
 def campaign_weight(campaign_id: str, weight: float) -> None:
-    """Change a campaign's share of the rate while it runs."""
+    """Set CAMPAIGN_ID's share of the rate to WEIGHT while it runs (2 = twice a 1)."""
     _client().set_weight(campaign_id, weight)
     click.echo(f"{campaign_id}: weight {weight:g}")
 
 
 @campaign.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Recent campaigns, finished ones too.")
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def campaign_list(show_all: bool, as_json: bool) -> None:
     """Active campaigns: weight, share of the rate, sent/total and ETA."""
     client = _client()
@@ -402,12 +573,13 @@ def campaign_list(show_all: bool, as_json: bool) -> None:
 # worker ----------------------------------------------------------------------------------
 
 QUEUE_CHOICES = ("all", "bulk", "transactional")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Pauses before restarting a Celery worker that died, growing with each quick failure.
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 #: A worker that ran this long before dying restarts after the shortest pause again.
 STABLE_RUN_S = 60.0
-#: Exit statuses not worth a restart: our configuration errors, Celery's usage error.
-NO_RESTART_STATUSES = frozenset({EXIT_USER_ERROR, 64})
+#: Exit statuses not worth a restart: our configuration and usage errors, Celery's.
+NO_RESTART_STATUSES = frozenset({EXIT_USAGE, 64})
 #: Signals that stop the supervisor (after the worker's warm or cold shutdown).
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
 #: Signals passed on to the Celery worker as they are.
@@ -418,19 +590,47 @@ supervisor_log = logging.getLogger("ses_tasks.ops.supervisor")
 
 
 @main.command()
-@click.option("--mode", type=click.Choice(["starttls", "tls"]), help="Port mode to serve.")
-@click.option("--concurrency", "-c", type=int, default=2, show_default=True)
-@click.option("--queues", type=click.Choice(QUEUE_CHOICES), default="all", show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["starttls", "tls"]),
+    help="Port mode to serve; default: from SES_TASKS_MODE/SES_TASKS_PORT.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes.",
+)
+@click.option(
+    "--queues",
+    type=click.Choice(QUEUE_CHOICES),
+    default="all",
+    show_default=True,
+    help="Which of the mode's queues to consume.",
+)
 @click.option("--name", "-n", default=None, help="Celery node name.")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
-@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
+@click.option(
+    "--loglevel",
+    "-l",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Log level of the worker.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics here.",
+)
 @click.option(
     "--supervise/--no-supervise",
     default=True,
     show_default=True,
     help="Run Celery's worker in a child process and restart it if it dies.",
 )
-@user_errors
 def worker(
     mode: str | None,
     concurrency: int,
@@ -445,18 +645,18 @@ def worker(
     By default this process supervises the Celery worker: it runs it in a child process,
     restarts it (with backoff) if it exits on its own with an error or is killed, and
     passes SIGTERM/SIGINT/SIGQUIT (then exits with the worker's status), SIGHUP and
-    SIGUSR1/2 on to it. Killing this process kills the worker with it (Linux).
+    SIGUSR1/2 on to it. Killing this process kills the worker with it (Linux). A usage or
+    configuration error (exit 2) is not restarted.
     """
+    loglevel = loglevel.upper()
     if mode is not None:
         os.environ["SES_TASKS_MODE"] = mode
         if "SES_TASKS_PORT" not in os.environ and not os.environ.get("SES_TASKS_HOST"):
             os.environ["SES_TASKS_PORT"] = "465" if mode == "tls" else "587"
-    if concurrency < 1:
-        raise SesTasksError("--concurrency: must be at least 1")
     settings = _settings()
     if metrics_port is not None:
         os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
-    logging.getLogger().setLevel(loglevel.upper())
+    logging.getLogger().setLevel(loglevel)
     if supervise:
         argv = [
             sys.executable, "-m", "ses_tasks.ops.cli", "worker", "--no-supervise",
@@ -634,30 +834,37 @@ def suppress() -> None:
 
 @suppress.command("add")
 @click.argument("emails", nargs=-1, required=True)
-@click.option("--reason", default="added by user")
-@user_errors
+@click.option(
+    "--reason", default="added by user", show_default=True, help="Why, kept with each address."
+)
 def suppress_add(emails: tuple[str, ...], reason: str) -> None:
+    """Never send to EMAILS (one or more addresses); prints how many were new."""
     added = _client().suppression.add(emails, reason=reason)
     click.echo(f"{added} added")
 
 
 @suppress.command("remove")
 @click.argument("emails", nargs=-1, required=True)
-@user_errors
 def suppress_remove(emails: tuple[str, ...]) -> None:
+    """Send to EMAILS (one or more addresses) again; prints how many were listed."""
     removed = _client().suppression.remove(emails)
     click.echo(f"{removed} removed")
 
 
 @suppress.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON array of {email, reason, added_at}."
+)
 def suppress_list(as_json: bool) -> None:
-    for entry in _client().suppression:
-        if as_json:
-            _print_json({"email": entry.email, "reason": entry.reason, "added_at": entry.added_at})
-        else:
-            click.echo(f"{entry.email}\t{entry.reason}")
+    """Suppressed addresses and why, one per line (tab-separated)."""
+    entries = list(_client().suppression)  # read all first: no half output on a failure
+    if as_json:
+        _print_json(
+            [{"email": e.email, "reason": e.reason, "added_at": e.added_at} for e in entries]
+        )
+        return
+    for entry in entries:
+        click.echo(f"{entry.email}\t{entry.reason}")
 
 
 from ses_tasks.feedback.cli import feedback, suppress_export  # noqa: E402 - groups defined above
@@ -670,12 +877,12 @@ suppress.add_command(suppress_export)
 
 
 @main.command("smtp-password")
-@click.option("--region", required=True)
-@user_errors
+@click.option("--region", required=True, help="SES region the password is for (us-east-1).")
 def smtp_password_command(region: str) -> None:
     """Derive the SMTP password from an IAM secret key read from stdin or the environment.
 
-    The secret is never taken from the command line, where other users could read it.
+    The secret is never taken from the command line, where other users could read it:
+    set SES_TASKS_SECRET_ACCESS_KEY (or AWS_SECRET_ACCESS_KEY), or pipe it on stdin.
     """
     from ses_tasks.smtp.credentials import smtp_password
 
@@ -691,16 +898,17 @@ def smtp_password_command(region: str) -> None:
             secret = sys.stdin.readline()
     secret = (secret or "").strip()
     if not secret:
-        raise SesTasksError("no secret: pipe it on stdin or set SES_TASKS_SECRET_ACCESS_KEY")
+        raise ValidationError(
+            "secret", "none given: pipe it on stdin or set SES_TASKS_SECRET_ACCESS_KEY"
+        )
     try:
         click.echo(smtp_password(secret, region))
     except ValueError as exc:
-        raise SesTasksError(str(exc)) from None
+        raise ValidationError("--region", str(exc)) from None
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def check(as_json: bool) -> None:
     """Connect, negotiate TLS, authenticate and report, without sending.
 
@@ -724,8 +932,7 @@ def check(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def limits(as_json: bool) -> None:
     """Fleet rate limit, tokens, 24-hour quota use and any pause reason."""
     from ses_tasks.ops.direct import limits_status
@@ -743,7 +950,6 @@ def limits(as_json: bool) -> None:
     add_help_option=False,
 )
 @click.pass_context
-@user_errors
 def sandbox(ctx: click.Context) -> None:
     """Run the local SES-compatible endpoint (see `ses-tasks sandbox --help`)."""
     from ses_tasks.sandbox import main as sandbox_main
@@ -752,22 +958,50 @@ def sandbox(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--recipients", "count", type=int, default=1000, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--mode", type=click.Choice(["starttls", "tls"]), default="tls", show_default=True)
-@click.option("--rate", type=float, default=500.0, show_default=True, help="Recipients/s.")
-@click.option("--json", "as_json", is_flag=True)
-@user_errors
+@click.option(
+    "--recipients",
+    "count",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Size of the sample campaign.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["starttls", "tls"]),
+    default="tls",
+    show_default=True,
+    help="Port mode of the sandbox endpoint to send through.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=500.0,
+    show_default=True,
+    help="Recipients/s.",
+)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def demo(count: int, workers: int, mode: str, rate: float, as_json: bool) -> None:
-    """Everything on this machine: Redis, the sandbox, workers, a sample campaign."""
+    """Everything on this machine: Redis, the sandbox, workers, a sample campaign.
+
+    Exits 1 unless every recipient was sent.
+    """
     from ses_tasks.sandbox.demo import run_demo
 
     report = run_demo(recipients=count, workers=workers, mode=mode, rate=rate, quiet=as_json)
     if as_json:
         _print_json(report)
-    if report.get("counts", {}).get("sent") != count:
-        sys.exit(EXIT_FAILURE)
+    sent = report.get("counts", {}).get("sent", 0)
+    if sent != count:
+        _fail(f"demo: {sent} of {count} recipients sent ({report.get('state')})", EXIT_FAILURE)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="ses-tasks")

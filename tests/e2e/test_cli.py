@@ -59,7 +59,8 @@ def test_configuration_error_is_one_line_without_traceback():
 
 def test_unknown_campaign_is_a_clear_error(key_prefix):
     result = run(["campaign", "status", "nope", "--json"], env={"SES_TASKS_KEY_PREFIX": key_prefix})
-    assert result.returncode == 2
+    assert result.returncode == 1  # a runtime failure (CampaignError), not a usage error
+    assert result.stdout == ""
     assert "no campaign 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -217,7 +218,7 @@ def test_send_direct_with_wrong_password_is_one_clear_line(make_pipeline, tmp_pa
         ],
         env=pipeline.env,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1  # an SMTP failure is a runtime failure
     assert result.stderr.startswith("ses-tasks: error: 535 Authentication Credentials Invalid")
     assert "wrong" not in result.stderr and "Traceback" not in result.stderr
 

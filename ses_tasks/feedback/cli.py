@@ -75,6 +75,11 @@ def serve_command(host: str | None, port: int | None) -> None:
 
     fb = load_feedback_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # A long-running receiver: its refusals and start-up warnings show even without -v (the
+    # ``ses-tasks`` group logs only errors by default).
+    receiver_log = logging.getLogger("ses_tasks.feedback")
+    if receiver_log.getEffectiveLevel() > logging.INFO:
+        receiver_log.setLevel(logging.INFO)
     app = FeedbackApp(feedback_settings=fb, max_body_bytes=fb.max_body_bytes)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(

@@ -21,10 +21,11 @@ from typing import Any
 
 import redis
 
-from ses_tasks.errors import CampaignError
+from ses_tasks.errors import CampaignError, ValidationError
 from ses_tasks.feedback.events import Bounce, Complaint, DeliveryDelay, EventKind, Reject, SesEvent
 from ses_tasks.feedback.settings import FeedbackSettings
 from ses_tasks.keys import TRANSACTIONAL, Keys, campaign_of
+from ses_tasks.message.address import canonical_address
 from ses_tasks.states import CampaignState
 from ses_tasks.store.suppression import SuppressionList
 from ses_tasks.store.tracking import StatusStore
@@ -206,37 +207,45 @@ class FeedbackApplier:
         return [name, str(rank), bounce_type, subtype, diagnostic[:1000], extra[:200], *counters]
 
     def _suppress(self, event: SesEvent) -> tuple[str, ...]:
-        """Suppress what the event calls for; returns the addresses newly suppressed."""
+        """Suppress what the event calls for; returns the addresses newly suppressed.
+
+        An address SES reports that we cannot parse is logged and skipped: refusing the
+        whole notification would only make SNS redeliver it for ever.
+        """
         detail = event.detail
         added: list[str] = []
+
+        def suppress(email: str, reason: str) -> None:
+            try:
+                if self.suppression.add([email], reason=reason, source="feedback", overwrite=False):
+                    added.append(canonical_address(email))
+            except ValidationError as exc:
+                log.warning("not suppressing an address from %s: %s", event.kind, exc)
+
         if isinstance(detail, Bounce) and detail.permanent:
             for r in detail.recipients:
-                reason = _suppression_reason(detail, r.diagnostic_code)
-                if self.suppression.add(
-                    [r.email], reason=reason, source="feedback", overwrite=False
-                ):
-                    added.append(r.email.lower())
+                suppress(r.email, _suppression_reason(detail, r.diagnostic_code))
         elif isinstance(detail, Bounce) and detail.transient:
             limit = self.settings.transient_suppress_after
             for r in detail.recipients:
                 event_id = f"{event.ses_message_id}:{detail.feedback_id}"
-                count = self.suppression.record_transient(
-                    r.email, event_id, window_s=self.settings.transient_window_s
-                )
+                try:
+                    count = self.suppression.record_transient(
+                        r.email, event_id, window_s=self.settings.transient_window_s
+                    )
+                except ValidationError as exc:
+                    log.warning("not counting a transient bounce: %s", exc)
+                    continue
                 if limit and count >= limit:
                     reason = (
                         f"{_suppression_reason(detail, r.diagnostic_code)}"
                         f" ({count} transient bounces in {self.settings.transient_window_s:.0f} s)"
                     )
-                    if self.suppression.add(
-                        [r.email], reason=reason, source="feedback", overwrite=False
-                    ):
-                        added.append(r.email.lower())
+                    suppress(r.email, reason)
         elif isinstance(detail, Complaint):
             reason = f"complaint: {detail.feedback_type or 'unspecified'}"
             for email in detail.recipients:
-                if self.suppression.add([email], reason=reason, source="feedback", overwrite=False):
-                    added.append(email.lower())
+                suppress(email, reason)
         for email in added:
             log.info("suppressed %s after %s", email, event.kind)
         return tuple(added)

@@ -171,6 +171,18 @@ def test_complaint_suppresses_with_feedback_type(env, redis_client, key_prefix):
     assert entry.reason == "complaint: abuse"
 
 
+def test_an_unparsable_address_in_a_complaint_is_skipped_not_fatal(env, redis_client, key_prefix):
+    """SNS would redeliver a notification we fail on for ever: skip the bad address only."""
+    store, applier, _ = env
+    sent = sent_campaign(store, "fb3b", 3)
+    _, ses = sent["u1@example.com"]
+    data = example("event_complaint", ses, "u1@example.com")
+    data["complaint"]["complainedRecipients"].insert(0, {"emailAddress": "not an address"})
+    result = applier.apply(parse_event(data))
+    assert result.suppressed == ("u1@example.com",)
+    assert SuppressionList(redis_client, key_prefix=key_prefix).contains("U1@Example.com")
+
+
 def test_transient_bounces_suppress_after_n_in_the_window(env, redis_client, key_prefix):
     store, applier, _ = env
     sent = sent_campaign(store, "fb4", 4)

@@ -26,6 +26,7 @@ from ses_tasks.feedback.events import Bounce, Complaint, DeliveryDelay, EventKin
 from ses_tasks.feedback.settings import FeedbackSettings
 from ses_tasks.keys import TRANSACTIONAL, Keys, campaign_of
 from ses_tasks.message.address import canonical_address
+from ses_tasks.ops import metrics
 from ses_tasks.states import CampaignState
 from ses_tasks.store.suppression import SuppressionList
 from ses_tasks.store.tracking import StatusStore
@@ -59,6 +60,16 @@ RECORD_LUA = (
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: ``type`` label of ``ses_tasks_feedback_events_total`` per SES event kind.
+_EVENT_TYPES = {
+    EventKind.DELIVERY: "delivery",
+    EventKind.BOUNCE: "bounce",
+    EventKind.COMPLAINT: "complaint",
+    EventKind.DELIVERY_DELAY: "delivery_delay",
+    EventKind.REJECT: "reject",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +152,12 @@ class FeedbackApplier:
         self._record = client.register_script(RECORD_LUA)
 
     def apply(self, event: SesEvent) -> ApplyResult:
+        result = self._apply(event)
+        if event.kind is not EventKind.OTHER:
+            metrics.feedback_event(_EVENT_TYPES[event.kind], result.status)
+        return result
+
+    def _apply(self, event: SesEvent) -> ApplyResult:
         if event.kind is EventKind.OTHER:
             return ApplyResult("ignored", event.ses_message_id)
         ses_id = event.ses_message_id

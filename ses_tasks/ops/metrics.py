@@ -227,12 +227,12 @@ class FleetCollector:
             log.debug("fleet gauges skipped: %s", type(exc).__name__)
             return
         yield GaugeMetricFamily(
-            f"{NAMESPACE}_effective_rate",
+            f"{NAMESPACE}_effective_rate_per_second",
             "Fleet send rate the limiter allows now (recipients/s), after throttle backoff.",
             value=rate.effective_rate_per_s,
         )
         yield GaugeMetricFamily(
-            f"{NAMESPACE}_configured_rate",
+            f"{NAMESPACE}_configured_rate_per_second",
             "Configured fleet send rate (MAX_SEND_RATE, recipients/s).",
             value=rate.configured_rate_per_s,
         )
@@ -241,12 +241,12 @@ class FleetCollector:
             "Recipients sent in the rolling 24-hour window.",
             value=used.used,
         )
-        if used.limit is not None:
-            yield GaugeMetricFamily(
-                f"{NAMESPACE}_quota_limit",
-                "Rolling 24-hour sending quota (MAX_24H_SEND).",
-                value=used.limit,
-            )
+        # Always present (+Inf without MAX_24H_SEND), so quota ratios return data.
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_quota_limit",
+            "Rolling 24-hour sending quota (MAX_24H_SEND; +Inf when not set).",
+            value=float("inf") if used.limit is None else used.limit,
+        )
 
 
 # --------------------------------------------------------------------------- pool processes
@@ -400,32 +400,51 @@ FEEDBACK_REFUSAL_REASONS = frozenset(
     }
 )
 
-_feedback_refused: Any = None
-_feedback_lock = threading.Lock()
+_web_counters: dict[str, Any] = {}
+_web_lock = threading.Lock()
+
+
+def _web_counter(name: str, documentation: str, labels: list[str]) -> Any:
+    """A counter of the receiving web process (``feedback serve``, Django, Flask), created on
+    first use; None without prometheus-client.
+
+    Never in a worker, so the lazy import cannot precede ``prepare_multiprocess_dir``.
+    """
+    with _web_lock:
+        if name not in _web_counters:
+            try:
+                from prometheus_client import Counter
+            except ImportError:
+                _web_counters[name] = None
+            else:
+                _web_counters[name] = Counter(name, documentation, labels, namespace=NAMESPACE)
+        return _web_counters[name]
 
 
 def feedback_refused(reason: str) -> None:
-    """Count one refused SNS feedback request (``ses_tasks_feedback_refused_total{reason}``).
-
-    Lives in the receiving web process (``feedback serve``, Django, Flask), never in a worker,
-    so the lazy import cannot precede ``prepare_multiprocess_dir``. A no-op without
-    prometheus-client.
-    """
-    global _feedback_refused
+    """Count one refused SNS feedback request (``ses_tasks_feedback_refused_total{reason}``)."""
     label = reason if reason in FEEDBACK_REFUSAL_REASONS else "other"
-    if _feedback_refused is None:
-        with _feedback_lock:
-            if _feedback_refused is None:
-                try:
-                    from prometheus_client import Counter
-                except ImportError:
-                    _feedback_refused = False
-                else:
-                    _feedback_refused = Counter(
-                        "feedback_refused",
-                        "SNS feedback requests refused, by reason (topic, signature, ...).",
-                        ["reason"],
-                        namespace=NAMESPACE,
-                    )
-    if _feedback_refused:
-        _feedback_refused.labels(reason=label).inc()
+    counter = _web_counter(
+        "feedback_refused",
+        "SNS feedback requests refused, by reason (topic, signature, ...).",
+        ["reason"],
+    )
+    if counter is not None:
+        counter.labels(reason=label).inc()
+
+
+#: ``type`` label values of ``ses_tasks_feedback_events_total``.
+FEEDBACK_EVENT_TYPES = frozenset({"delivery", "bounce", "complaint", "delivery_delay", "reject"})
+
+
+def feedback_event(event_type: str, status: str) -> None:
+    """Count one SES event applied (``ses_tasks_feedback_events_total{type,status}``):
+    deliveries, bounces and complaints as SES reported them, by what we did with them
+    (``applied``, ``duplicate``, ``uncorrelated``)."""
+    counter = _web_counter(
+        "feedback_events",
+        "SES delivery, bounce, complaint, delay and reject events received, by status.",
+        ["type", "status"],
+    )
+    if counter is not None and event_type in FEEDBACK_EVENT_TYPES:
+        counter.labels(type=event_type, status=status).inc()

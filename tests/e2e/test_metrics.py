@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -39,6 +40,12 @@ def total(samples: dict, name: str, **labels: str) -> float:
         for (sample_name, sample_labels), value in samples.items()
         if sample_name == name and set(labels.items()) <= set(sample_labels)
     )
+
+
+def _documented_worker_metrics() -> list[str]:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    queries = doc.split("```promql", 1)[1].split("```", 1)[0]
+    return sorted({m for m in re.findall(r"ses_tasks_[a-z_]+", queries) if "_feedback_" not in m})
 
 
 def test_metrics_match_the_status_store_after_a_campaign(make_pipeline, tmp_path: Path):
@@ -92,8 +99,13 @@ def test_metrics_match_the_status_store_after_a_campaign(make_pipeline, tmp_path
     assert 1 <= idle <= 2 * 4  # concurrency x POOL_SIZE
     assert total(samples, "ses_tasks_pool_connections", state="waiting") == 0
     # Fleet gauges come from Redis at scrape time.
-    assert total(samples, "ses_tasks_effective_rate") == pytest.approx(2000.0)
+    assert total(samples, "ses_tasks_effective_rate_per_second") == pytest.approx(2000.0)
     assert total(samples, "ses_tasks_quota_used") == RECIPIENTS
+    assert total(samples, "ses_tasks_quota_limit") == float("inf")  # no MAX_24H_SEND
+    # Every metric the documented PromQL uses is served with default settings.
+    names = {name for name, _ in samples}
+    missing = [m for m in _documented_worker_metrics() if m not in names]
+    assert missing == [], f"docs/observability.md queries metrics no worker serves: {missing}"
     # Nothing failed, so nothing was retried.
     assert total(samples, "ses_tasks_retries_total") == 0
 

@@ -183,6 +183,28 @@ def test_an_unparsable_address_in_a_complaint_is_skipped_not_fatal(env, redis_cl
     assert SuppressionList(redis_client, key_prefix=key_prefix).contains("U1@Example.com")
 
 
+def test_events_are_counted_by_type_and_status(env):
+    prometheus_client = pytest.importorskip("prometheus_client")
+
+    def count(event_type: str, status: str) -> float:
+        value = prometheus_client.REGISTRY.get_sample_value(
+            "ses_tasks_feedback_events_total", {"type": event_type, "status": status}
+        )
+        return value or 0.0
+
+    store, applier, _ = env
+    sent = sent_campaign(store, "fb3c", 2)
+    _, ses = sent["u1@example.com"]
+    before = count("complaint", "applied"), count("complaint", "duplicate")
+    event = parse_event(example("event_complaint", ses, "u1@example.com"))
+    applier.apply(event)
+    applier.apply(event)
+    assert (count("complaint", "applied"), count("complaint", "duplicate")) == (
+        before[0] + 1,
+        before[1] + 1,
+    )
+
+
 def test_transient_bounces_suppress_after_n_in_the_window(env, redis_client, key_prefix):
     store, applier, _ = env
     sent = sent_campaign(store, "fb4", 4)

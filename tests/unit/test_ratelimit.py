@@ -623,8 +623,8 @@ def test_fleet_collector_reads_the_async_status_with_one_client_per_scrape(
         return {family.name: family.samples[0].value for family in collector.collect()}
 
     expected = {
-        "ses_tasks_effective_rate": 50.0,
-        "ses_tasks_configured_rate": 100.0,
+        "ses_tasks_effective_rate_per_second": 50.0,
+        "ses_tasks_configured_rate_per_second": 100.0,
         "ses_tasks_quota_used": 7,
         "ses_tasks_quota_limit": 1000,
     }

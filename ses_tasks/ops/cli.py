@@ -31,6 +31,7 @@ import redis
 
 from ses_tasks.config import Settings, load_settings
 from ses_tasks.errors import ConfigurationError, SesTasksError, ValidationError
+from ses_tasks.events import load_hooks as load_event_hooks
 
 EXIT_OK = 0
 #: A runtime failure: a service unreachable, SMTP, the store, a campaign's state.
@@ -79,6 +80,8 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 
 
 def _redis_problem(exc: redis.RedisError) -> str:
+    if isinstance(exc, redis.AuthenticationError):
+        return f"Redis refused the login ({exc}); check SES_TASKS_REDIS_URL"
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return f"cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL"
     return f"Redis refused a command ({type(exc).__name__}: {exc}); check SES_TASKS_REDIS_URL"
@@ -300,6 +303,20 @@ def send(
     client.build_message(profile=profile, **fields)  # invalid input: exit 2, broker or not
     _check_broker(client)
     handle = client.send_email(profile=profile, **fields)
+    try:
+        _report_sent(handle, watch, wait=wait, as_json=as_json)
+    finally:
+        _release(handle)
+
+
+def _release(result: Any) -> None:
+    """Detach a result from its backend: at interpreter exit its ``__del__`` would connect
+    to the result backend to unsubscribe (the process is ending anyway) and, the
+    interpreter shutting down, print a traceback."""
+    result.backend = None
+
+
+def _report_sent(handle: Any, watch: _PublishWatch, *, wait: bool, as_json: bool) -> None:
     for exc in watch.failures[-1:]:
         # Recorded, so not lost: the workers' sweeper publishes it once the broker is back.
         click.echo(
@@ -654,6 +671,7 @@ def worker(
         if "SES_TASKS_PORT" not in os.environ and not os.environ.get("SES_TASKS_HOST"):
             os.environ["SES_TASKS_PORT"] = "465" if mode == "tls" else "587"
     settings = _settings()
+    load_event_hooks(settings.event_hooks)  # ConfigurationError (exit 2) before starting
     if metrics_port is not None:
         os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
     logging.getLogger().setLevel(loglevel)

@@ -69,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="answer 554 'Email address is not verified' for this address (repeatable)",
     )
+    add(
+        "--deny-sender",
+        action="append",
+        default=[],
+        metavar="IDENTITY",
+        help="answer 554 'not authorized to perform ses:SendRawEmail on resource "
+        "...:identity/IDENTITY' for mail from this address or domain (repeatable)",
+    )
+    add(
+        "--deny-sender-at",
+        choices=("data", "mail"),
+        default="data",
+        help="when --deny-sender answers: after DATA (as SES does) or at MAIL FROM",
+    )
     add("--auth-fail", action="store_true", help="answer every AUTH with 535")
     add("--account-paused", action="store_true", help="554 Sending paused after every DATA")
     add("--seed", type=int, default=0)
@@ -89,6 +103,8 @@ def _config(args: argparse.Namespace) -> SandboxConfig:
         idle_timeout_s=args.idle_timeout,
         drop_after_data_accepts=args.drop_after_data_accepts,
         reject_recipients=frozenset(a.lower() for a in args.reject_recipient),
+        deny_senders=frozenset(a.lower() for a in args.deny_sender),
+        deny_senders_at=args.deny_sender_at,
         auth_fail=args.auth_fail,
         account_paused=args.account_paused,
         seed=args.seed,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from ses_tasks.errors import ConfigurationError
 
@@ -26,6 +27,8 @@ __all__ = [
     "THROTTLE_REPLY",
     "TOO_MANY_RECIPIENTS_REPLY",
     "Faults",
+    "denied_identity",
+    "iam_denied_reply",
     "invalid_address_reply",
     "judge_message",
     "should_drop",
@@ -57,6 +60,19 @@ def unverified_reply(address: str, region: str = "US-EAST-1") -> str:
     return (
         "554 Message rejected: Email address is not verified. The following identities "
         f"failed the check in region {region}: {address}"
+    )
+
+
+#: The IAM user the sandbox pretends the SMTP credentials belong to, in denials.
+IAM_USER_ARN: Final = "arn:aws:iam::123456789012:user/ses-smtp-user"
+DENY_STAGES: Final = ("mail", "data")
+
+
+def iam_denied_reply(identity: str, region: str = "us-east-1") -> str:
+    """SES's answer when the credentials' IAM policy does not allow sending as ``identity``."""
+    return (
+        f"554 Message rejected: User '{IAM_USER_ARN}' is not authorized to perform "
+        f"'ses:SendRawEmail' on resource 'arn:aws:ses:{region}:123456789012:identity/{identity}'"
     )
 
 
@@ -98,6 +114,12 @@ class Faults:
     account_paused: bool = False
     #: Senders or recipients answered ``554 Message rejected: Email address is not verified``.
     reject_recipients: frozenset[str] = frozenset()
+    #: Sender identities (addresses, or domains for every address in them) the IAM policy
+    #: denies: their mail gets ``554 ... not authorized to perform 'ses:SendRawEmail' on
+    #: resource '...:identity/<identity>'``; other senders are unaffected.
+    deny_senders: frozenset[str] = frozenset()
+    #: When that denial comes: ``"data"`` (after the message, as SES does) or ``"mail"``.
+    deny_senders_at: str = "data"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +130,23 @@ class Faults:
         _positive("max_messages_per_session", self.max_messages_per_session)
         _positive("idle_timeout_s", self.idle_timeout_s)
         self.reject_recipients = frozenset(a.lower() for a in self.reject_recipients)
+        self.deny_senders = frozenset(a.lower() for a in self.deny_senders)
+        if self.deny_senders_at not in DENY_STAGES:
+            raise ConfigurationError(
+                "deny_senders_at", f"must be one of {DENY_STAGES}, not {self.deny_senders_at!r}"
+            )
+
+
+def denied_identity(faults: Faults, mail_from: str) -> str | None:
+    """The denied identity ``mail_from`` sends as (its address or its domain), or None."""
+    if not faults.deny_senders:
+        return None
+    denied = {a.lower() for a in faults.deny_senders}  # may be set at runtime
+    address = mail_from.lower()
+    for identity in (address, address.rpartition("@")[2]):
+        if identity in denied:
+            return identity
+    return None
 
 
 def judge_message(
@@ -127,6 +166,10 @@ def judge_message(
     """
     if len(rcpt_tos) > max_recipients:
         return TOO_MANY_RECIPIENTS_REPLY.replace("50", str(max_recipients))
+    if faults.deny_senders_at == "data":
+        identity = denied_identity(faults, mail_from)
+        if identity is not None:
+            return iam_denied_reply(identity)
     if faults.reject_recipients:
         rejected = {a.lower() for a in faults.reject_recipients}  # may be set at runtime
         for address in (mail_from, *rcpt_tos):

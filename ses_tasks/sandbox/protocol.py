@@ -32,6 +32,8 @@ from ses_tasks.sandbox.faults import (
     SESSION_LIMIT_REPLY,
     STARTTLS_FIRST_REPLY,
     Faults,
+    denied_identity,
+    iam_denied_reply,
     invalid_address_reply,
     judge_message,
     should_drop,
@@ -217,6 +219,10 @@ class Hooks:
             return SESSION_LIMIT_REPLY
         if not is_valid_address(address):
             return invalid_address_reply(address)
+        if self.runtime.faults.deny_senders_at == "mail":
+            identity = denied_identity(self.runtime.faults, address)
+            if identity is not None:
+                return iam_denied_reply(identity)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 Ok"

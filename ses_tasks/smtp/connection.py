@@ -253,19 +253,21 @@ class SmtpConnection:
             return SendResult(Outcome.TRANSIENT, 0, "not connected", reconnect=True)
         timeout_s = self._send_timeout_s
         execute = smtp.execute_command
+        # Lets a refusal naming the sender (not verified) be told from one naming a recipient.
+        sender = mail_from.decode("ascii", "replace").strip("<>")
         self.in_transaction = True
         data_sent = False
         try:
             reply = await execute(b"MAIL", b"FROM:" + mail_from, timeout=timeout_s)
             if reply.code != 250:
-                return await self._refused(reply.code, reply.message, "mail")
+                return await self._refused(reply.code, reply.message, "mail", sender)
             for rcpt in rcpts:
                 reply = await execute(b"RCPT", b"TO:" + rcpt, timeout=timeout_s)
                 if reply.code != 250 and reply.code != 251:
-                    return await self._refused(reply.code, reply.message, "rcpt")
+                    return await self._refused(reply.code, reply.message, "rcpt", sender)
             reply = await execute(b"DATA", timeout=timeout_s)
             if reply.code != 354:
-                return await self._refused(reply.code, reply.message, "data")
+                return await self._refused(reply.code, reply.message, "data", sender)
             protocol = smtp.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -278,7 +280,7 @@ class SmtpConnection:
             return classify_exception(exc, data_sent=data_sent)
         self.messages += 1
         self.last_used_at = time.monotonic()
-        result = classify_reply(reply.code, reply.message, stage="eom")
+        result = classify_reply(reply.code, reply.message, stage="eom", sender=sender)
         if result.outcome is Outcome.SENT:
             self.in_transaction = False
         elif result.reconnect:
@@ -359,9 +361,9 @@ class SmtpConnection:
                 f"{' '.join(methods) or 'no AUTH'})"
             )
 
-    async def _refused(self, code: int, text: str, stage: str) -> SendResult:
+    async def _refused(self, code: int, text: str, stage: str, sender: str) -> SendResult:
         """The server refused a command mid-transaction: RSET, or close if in doubt."""
-        result = classify_reply(code, text, stage=stage)
+        result = classify_reply(code, text, stage=stage, sender=sender)
         if result.outcome is Outcome.SENT:  # an unexpected success reply: lost sync
             result = SendResult(
                 Outcome.TRANSIENT, code, f"unexpected reply at {stage}: {text}", reconnect=True

@@ -9,10 +9,13 @@ connection's slot is held until its QUIT finishes, so the server never sees more
 Delivery outcomes are results, not exceptions: :meth:`SmtpPool.send` returns a
 :class:`~ses_tasks.smtp.replies.SendResult` for anything the server or the network does.
 
-Fatal cool-down: a ``FATAL`` result (bad credentials, TLS policy, IAM, paused account)
-means every other message would fail the same way, so for ``fatal_cooldown_s`` (30 s by
-default) the pool answers every send with that same result without touching the server.
-Pending and new sends get it at once; after the cool-down the next send tries again.
+Fatal cool-down: a ``FATAL`` result (bad credentials, TLS policy, IAM denial naming no
+identity, paused account) means every other message would fail the same way, so for
+``fatal_cooldown_s`` (30 s by default) the pool answers every send with that same result
+without touching the server. Pending and new sends get it at once; after the cool-down the
+next send tries again. A refusal of one sending identity (``SendResult.identity``: an IAM
+denial on ``identity/x@example.com``, an unverified sender) is ``PERMANENT``, not
+``FATAL``: it starts no cool-down, and sends from other identities go on.
 """
 
 from __future__ import annotations

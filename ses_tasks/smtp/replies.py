@@ -33,6 +33,7 @@ __all__ = [
     "classify_exception",
     "classify_reply",
     "parse_ses_message_id",
+    "refused_identity",
     "to_error",
 ]
 
@@ -60,6 +61,14 @@ _SES_ID_RE: Final = re.compile(
 # Fallback: whatever token follows "Ok", so a format change on the SES side (or another
 # relay) still yields an id to store rather than silently dropping it.
 _OK_TOKEN_RE: Final = re.compile(r"\bok\s+<?([^\s<>]+)>?", re.IGNORECASE)
+# An SES identity resource in an IAM denial, in any partition (aws, aws-us-gov, aws-cn):
+# "... on resource 'arn:aws:ses:us-east-1:123456789012:identity/x@example.com'".
+_IDENTITY_ARN_RE: Final = re.compile(
+    r"arn:aws[a-z-]*:ses:[^\s'\"]*?:identity/([^\s'\"<>,;()\[\]`]+)", re.IGNORECASE
+)
+# The identities listed after "Email address is not verified. The following identities
+# failed the check in region US-EAST-1: a@example.com, example.org".
+_LISTED_IDENTITY_RE: Final = re.compile(r"[^\s'\"<>,;:()\[\]`]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,12 @@ class SendResult:
     ``reconnect`` means the connection it happened on must be dropped, not reused.
     ``unreachable`` means no connection could be opened at all (refused, timed out, no
     route): nothing was said to the endpoint, so another endpoint may take the message.
+    ``identity`` names the sending identity (the From / MAIL FROM address or its domain)
+    SES refused: an IAM denial on that identity's resource, or "Email address is not
+    verified" naming the sender. The outcome is then ``PERMANENT`` (for this message),
+    never ``FATAL``: every message from that identity would be refused the same way, but
+    other identities on the same connection, pool and account are fine, so only the
+    senders using it stop (see ``ses_tasks.worker.delivery``).
     """
 
     outcome: Outcome
@@ -78,6 +93,7 @@ class SendResult:
     ses_message_id: str | None = None
     reconnect: bool = False
     unreachable: bool = False
+    identity: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -93,15 +109,19 @@ def parse_ses_message_id(text: str) -> str | None:
     return loose.group(1) if loose is not None else None
 
 
-def classify_reply(code: int, text: str, *, stage: str) -> SendResult:
+def classify_reply(code: int, text: str, *, stage: str, sender: str | None = None) -> SendResult:
     """Map one SMTP reply, received at ``stage``, to its outcome.
 
     2xx/3xx are successes (``SENT``; the id is parsed at ``eom``). 4xx are transient,
     5xx permanent for the message, except the SES texts that mean the whole endpoint is
-    unusable (credentials, IAM, paused account): those are ``FATAL``. A refusal while
-    setting up a connection is never about a message: 5xx there is ``FATAL`` and any
-    failure drops the connection. A reply that is no SMTP reply at all (code < 200) means
-    lost sync; after the data went out that leaves the outcome ``UNKNOWN``.
+    unusable (credentials, account-wide IAM denial, paused account): those are ``FATAL``.
+    A refusal of one sending identity is ``PERMANENT`` with ``identity`` set (see
+    :class:`SendResult`): an IAM denial naming an ``identity/...`` resource, or "not
+    verified" naming ``sender`` (the MAIL FROM address) or its domain; without ``sender``
+    "not verified" is about the message (a sandbox recipient). A refusal while setting up
+    a connection is never about a message: 5xx there is ``FATAL`` and any failure drops
+    the connection. A reply that is no SMTP reply at all (code < 200) means lost sync;
+    after the data went out that leaves the outcome ``UNKNOWN``.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown SMTP stage {stage!r}; expected one of {STAGES}")
@@ -129,22 +149,53 @@ def classify_reply(code: int, text: str, *, stage: str) -> SendResult:
         return SendResult(Outcome.TRANSIENT, code, reason, reconnect=closing or setup)
 
     # 5xx
-    if _is_fatal_5xx(code, low) or setup:
+    if setup or _is_fatal_5xx(code, low):
         return SendResult(Outcome.FATAL, code, reason, reconnect=setup)
+    identity = refused_identity(reason, sender=sender)
+    if identity is not None:
+        return SendResult(Outcome.PERMANENT, code, reason, identity=identity)
+    if _is_denied(code, low):
+        return SendResult(Outcome.FATAL, code, reason)
     return SendResult(Outcome.PERMANENT, code, reason)
 
 
+def refused_identity(text: str, *, sender: str | None = None) -> str | None:
+    """The sending identity a 5xx refusal names, or None if it is not about one.
+
+    - an IAM denial ("not authorized to perform" / "Access denied") whose resource is an
+      SES identity (``arn:aws:ses:<region>:<account>:identity/<name>``): that name;
+    - "Email address is not verified" listing ``sender`` or its domain: that entry (a
+      listed recipient, as in the SES sandbox, is about the message, not the sender).
+
+    Account-wide refusals (paused account, credentials) are checked before this.
+    """
+    low = text.lower()
+    if "not authorized to perform" in low or "access denied" in low:
+        match = _IDENTITY_ARN_RE.search(text)
+        if match is not None:
+            return match.group(1).rstrip(".")
+        return None
+    if "not verified" in low and sender:
+        address = sender.strip().strip("<>").lower()
+        domain = address.rpartition("@")[2]
+        tail = text[low.index("not verified") :]
+        for token in _LISTED_IDENTITY_RE.findall(tail):
+            name = token.rstrip(".")
+            if name.lower() in (address, domain):
+                return name
+    return None
+
+
 def _is_fatal_5xx(code: int, low: str) -> bool:
+    """Refusals that stop the whole endpoint whatever the sender: credentials, account."""
     if code in (530, 535):  # STARTTLS/AUTH missing, bad credentials, account not subscribed
         return True
-    if code == 554:
-        return (
-            "access denied" in low
-            or "not authorized to perform" in low
-            or "sending paused" in low
-            or "account is paused" in low
-        )
-    return False
+    return code == 554 and ("sending paused" in low or "account is paused" in low)
+
+
+def _is_denied(code: int, low: str) -> bool:
+    """An IAM denial that names no identity: the credentials may send nothing at all."""
+    return code == 554 and ("access denied" in low or "not authorized to perform" in low)
 
 
 def classify_exception(exc: BaseException, *, data_sent: bool) -> SendResult:
@@ -167,7 +218,10 @@ def classify_exception(exc: BaseException, *, data_sent: bool) -> SendResult:
     message = getattr(exc, "message", None)
     if isinstance(code, int) and isinstance(message, str) and code > 0:
         stage = _stage_of(exc, data_sent=data_sent)
-        result = classify_reply(code, message, stage=stage)
+        sender = getattr(exc, "sender", None)  # aiosmtplib's SMTPSenderRefused has one
+        result = classify_reply(
+            code, message, stage=stage, sender=sender if isinstance(sender, str) else None
+        )
         if result.outcome is Outcome.SENT:  # an "error" carrying a 2xx: lost sync
             return SendResult(Outcome.TRANSIENT, code, result.reason, reconnect=True)
         return result

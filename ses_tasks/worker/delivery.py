@@ -427,6 +427,8 @@ class _Run:
         self.to_park: list[BatchItem] = []
         self.unsent: list[BatchItem] = []
         self.fatal_reason = ""
+        #: SES refused the sender identity of a campaign message: this campaign pauses.
+        self.identity_reason = ""
         self.fatal_items: list[BatchItem] = []
         self.quota_retry_s: float | None = None
         self.store_down = False
@@ -706,6 +708,7 @@ class _Run:
             return True  # a paused transactional campaign defers its messages
         return (
             bool(self.fatal_reason)
+            or bool(self.identity_reason)
             or self.quota_retry_s is not None
             or self.store_down
             or self.yielded
@@ -784,6 +787,15 @@ class _Run:
             self.fatal_reason = f"{result.code} {result.reason}" if result.code else result.reason
             self.fatal_items.append(item)  # held back with the rest of the batch
             return
+        elif result.identity is not None:
+            # One sender identity refused (IAM, not verified): not the endpoint's fault, so
+            # only what is sent from it stops. Transactional mail fails (PERMANENT: final,
+            # not retried); a campaign is paused and this message held back with the rest.
+            reason = f"sender identity {result.identity} refused: {result.code} {result.reason}"
+            if self.job.priority is not Priority.TRANSACTIONAL:
+                self.identity_reason = self.identity_reason or reason
+                self.fatal_items.append(item)
+                return
         self._record(item, d.state, result.code, reason, result.ses_message_id, keep_row=d.keep_row)
         if d.retry is not RetryKind.NONE:
             delay_key = 0 if d.retry is not RetryKind.BACKOFF else d.attempts
@@ -830,6 +842,10 @@ class _Run:
                 await self._best_effort_pause(reason)
                 self.campaign_state = CampaignState.PAUSED
             self.report.stopped = "fatal"
+        elif self.identity_reason:  # this campaign only: the pool and the others go on
+            await self._best_effort_pause(self.identity_reason, kind="identity")
+            self.campaign_state = CampaignState.PAUSED
+            self.report.stopped = "identity"
         if self.unsent:
             await self._hold_back(self.unsent, release, entries)
         if self.to_park:
@@ -888,11 +904,11 @@ class _Run:
         self.report.recorded += len(batch)
         self.campaign_state = state
 
-    async def _best_effort_pause(self, reason: str) -> None:
+    async def _best_effort_pause(self, reason: str, *, kind: str = "endpoint") -> None:
         try:
             await persist(
                 "pause campaign",
-                lambda: self.rt.store.pause(self.job.campaign_id, reason, kind="endpoint"),
+                lambda: self.rt.store.pause(self.job.campaign_id, reason, kind=kind),
                 budget_s=self.hot_budget_s,
             )
             log.error("campaign %s paused: %s", self.job.campaign_id, reason)

@@ -245,6 +245,37 @@ def test_account_paused_is_fatal_for_the_whole_pool() -> None:
     with_sandbox(body, faults=Faults(account_paused=True))()
 
 
+@pytest.mark.parametrize("stage", ["mail", "data"])
+def test_a_denied_sender_identity_is_not_fatal_for_the_pool(stage: str) -> None:
+    """IAM denies ``denied@example.com`` (at MAIL FROM or after DATA): only its mail fails."""
+
+    async def body(sb: Sandbox) -> None:
+        async with pool_on(sb, PortMode.STARTTLS, size=1) as pool:
+            denied = await pool.send("denied@example.com", [RCPT], BODY)
+            assert pool.fatal is None  # no cool-down
+            other = await pool.send(SENDER, [RCPT], BODY)
+            sb.faults.deny_senders = frozenset()
+            sb.faults.reject_recipients = frozenset({"unverified@example.com"})
+            unverified = await pool.send("unverified@example.com", [RCPT], BODY)
+            again = await pool.send(SENDER, [RCPT], BODY)
+            assert pool.fatal is None and pool.stats.opened == 1  # one connection throughout
+        assert (denied.outcome, denied.code) == (Outcome.PERMANENT, 554)
+        assert denied.identity == "denied@example.com"
+        assert "not authorized to perform 'ses:SendRawEmail'" in denied.reason
+        assert (unverified.outcome, unverified.identity) == (
+            Outcome.PERMANENT,
+            "unverified@example.com",
+        )
+        assert other.outcome is again.outcome is Outcome.SENT
+        assert [m.mail_from for m in sb.messages] == [SENDER, SENDER]
+        refused = ["MAIL", "RSET"] if stage == "mail" else ["MAIL", "RCPT", "DATA", "RSET"]
+        [session] = sb.sessions
+        assert session.commands[4 : 4 + len(refused)] == refused  # after EHLO..AUTH
+
+    faults = Faults(deny_senders=frozenset({"denied@example.com"}), deny_senders_at=stage)
+    with_sandbox(body, faults=faults)()
+
+
 def test_without_credentials_no_auth_is_sent_but_tls_still_is() -> None:
     async def body(sb: Sandbox) -> None:
         async with pool_on(sb, PortMode.STARTTLS, username=None, password=None) as pool:

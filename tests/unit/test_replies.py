@@ -129,12 +129,125 @@ def test_554_address_not_verified_is_permanent() -> None:
     assert classify_reply(554, text, stage="eom").outcome is Outcome.PERMANENT
 
 
-def test_554_access_denied_is_fatal() -> None:
-    text = (
+@pytest.mark.parametrize(
+    "text",
+    [
         "Access denied: User arn:aws:iam::123456789012:user/ses-smtp is not authorized to "
-        "perform ses:SendRawEmail on resource arn:aws:ses:us-east-1:123456789012:identity/x"
-    )
-    assert classify_reply(554, text, stage="eom").outcome is Outcome.FATAL
+        "perform ses:SendRawEmail",
+        "Message rejected: User 'arn:aws:iam::123456789012:user/ses-smtp' is not authorized "
+        "to perform 'ses:SendRawEmail' on resource '*'",
+        "Access denied",
+    ],
+)
+def test_554_access_denied_naming_no_identity_is_fatal(text: str) -> None:
+    result = classify_reply(554, text, stage="eom", sender="news@example.com")
+    assert result.outcome is Outcome.FATAL
+    assert result.identity is None
+
+
+# -- refusals of one sending identity: PERMANENT with ``identity``, never FATAL ----------
+
+IAM_DENIAL = (
+    "Message rejected: User 'arn:aws:iam::123456789012:user/ses-smtp' is not authorized to "
+    "perform 'ses:SendRawEmail' on resource "
+    "'arn:aws:ses:us-east-1:123456789012:identity/{identity}'"
+)
+
+
+@pytest.mark.parametrize("stage", ["mail", "rcpt", "data", "eom"])
+@pytest.mark.parametrize("identity", ["Denied@Example.com", "example.org"])
+def test_iam_denial_on_an_identity_resource_is_that_identity_not_the_endpoint(
+    stage: str, identity: str
+) -> None:
+    text = IAM_DENIAL.format(identity=identity)
+    result = classify_reply(554, text, stage=stage)
+    assert (result.outcome, result.code, result.identity) == (Outcome.PERMANENT, 554, identity)
+    assert result.reason == text
+    assert not result.reconnect  # RSET, and the connection goes on for other senders
+    assert type(to_error(result)) is PermanentDeliveryError
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The facts file's wording, unquoted, with a sentence end after the ARN.
+        "Access denied: User arn:aws:iam::123456789012:user/ses-smtp is not authorized to "
+        "perform ses:SendRawEmail on resource "
+        "arn:aws:ses:eu-west-1:123456789012:identity/x@example.com.",
+        # GovCloud partition.
+        "Message rejected: User `arn:aws-us-gov:iam::123456789012:user/u` is not authorized "
+        "to perform `ses:SendRawEmail` on resource "
+        "`arn:aws-us-gov:ses:us-gov-west-1:123456789012:identity/x@example.com`",
+    ],
+)
+def test_iam_denial_wordings_name_the_identity(text: str) -> None:
+    result = classify_reply(554, text, stage="eom")
+    assert (result.outcome, result.identity) == (Outcome.PERMANENT, "x@example.com")
+
+
+def test_iam_denial_while_setting_up_stays_fatal() -> None:
+    text = IAM_DENIAL.format(identity="x@example.com")
+    result = classify_reply(554, text, stage="auth")
+    assert (result.outcome, result.identity, result.reconnect) == (Outcome.FATAL, None, True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Message rejected: Sending paused for this account. For more information, see "
+        "arn:aws:ses:us-east-1:123456789012:identity/x@example.com",
+        "Message rejected: Account is paused; not authorized to perform ses:SendRawEmail on "
+        "resource arn:aws:ses:us-east-1:123456789012:identity/x@example.com",
+    ],
+)
+def test_account_level_refusal_wins_over_a_named_identity(text: str) -> None:
+    result = classify_reply(554, text, stage="eom", sender="x@example.com")
+    assert (result.outcome, result.identity) == (Outcome.FATAL, None)
+
+
+@pytest.mark.parametrize("code", [530, 535])
+def test_credentials_refusals_stay_fatal_even_naming_an_identity(code: int) -> None:
+    text = IAM_DENIAL.format(identity="x@example.com")
+    result = classify_reply(code, text, stage="mail", sender="x@example.com")
+    assert (result.outcome, result.identity) == (Outcome.FATAL, None)
+
+
+UNVERIFIED = (
+    "Message rejected: Email address is not verified. The following identities failed "
+    "the check in region US-EAST-1: {listed}"
+)
+
+
+@pytest.mark.parametrize(
+    ("listed", "identity"),
+    [
+        ("News@Example.com", "News@Example.com"),
+        ("rcpt@example.net, news@example.com", "news@example.com"),
+        ("example.com", "example.com"),  # the sender's domain identity
+    ],
+)
+def test_unverified_sender_is_that_identity(listed: str, identity: str) -> None:
+    text = UNVERIFIED.format(listed=listed)
+    for stage in ("mail", "eom"):
+        result = classify_reply(554, text, stage=stage, sender="news@example.com")
+        assert (result.outcome, result.identity) == (Outcome.PERMANENT, identity)
+
+
+def test_unverified_recipient_is_about_the_message_only() -> None:
+    text = UNVERIFIED.format(listed="rcpt@example.com")
+    # Same domain as the sender, different address: the sandbox recipient, not the sender.
+    result = classify_reply(554, text, stage="eom", sender="news@example.com")
+    assert (result.outcome, result.identity) == (Outcome.PERMANENT, None)
+    # Without a sender nothing can be pinned on one: permanent for the message, as before.
+    no_sender = classify_reply(554, UNVERIFIED.format(listed="news@example.com"), stage="eom")
+    assert (no_sender.outcome, no_sender.identity) == (Outcome.PERMANENT, None)
+
+
+def test_sender_refused_exception_carries_its_sender() -> None:
+    text = UNVERIFIED.format(listed="news@example.com")
+    exc = aiosmtplib.SMTPSenderRefused(554, text, "news@example.com")
+    result = classify_exception(exc, data_sent=False)
+    assert (result.outcome, result.identity) == (Outcome.PERMANENT, "news@example.com")
 
 
 def test_554_sending_paused_is_fatal() -> None:

@@ -17,6 +17,7 @@ import logging
 import mimetypes
 import threading
 from collections.abc import Sequence
+from email.message import MIMEPart
 from email.mime.base import MIMEBase
 from typing import Any
 
@@ -26,7 +27,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from ses_tasks.config import load_settings
 from ses_tasks.errors import SesTasksError, ValidationError
-from ses_tasks.message.spec import Attachment
+from ses_tasks.message.spec import Alternative, Attachment
 from ses_tasks.produce.client import SesTasks
 
 __all__ = ["EmailBackend", "message_fields"]
@@ -60,34 +61,130 @@ def _header_addresses(value: str) -> list[str]:
 
 def _attachment(item: Any, index: int) -> Attachment:
     field = f"attachments[{index}]"
-    if isinstance(item, MIMEBase):
-        filename = item.get_filename()
-        if not filename:
-            raise ValidationError(field, "a MIME part needs a filename (inline parts unsupported)")
-        payload = item.get_payload(decode=True)
-        if not isinstance(payload, bytes):
-            raise ValidationError(field, f"{item.get_content_type()} parts cannot be attached")
-        return Attachment.from_bytes(filename, payload, content_type=item.get_content_type())
     try:
-        filename, content, mimetype = item
-    except (TypeError, ValueError):
-        raise ValidationError(field, "expected (filename, content, mimetype)") from None
-    if not filename:
-        raise ValidationError(field, "needs a filename")
-    if isinstance(content, EmailMessage):
-        raise ValidationError(field, "attached emails (message/rfc822) are not supported")
-    data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
-    if not mimetype:
-        mimetype = mimetypes.guess_type(filename)[0] or DEFAULT_ATTACHMENT_TYPE
-    content_type = str(mimetype).split(";", 1)[0].strip()
-    return Attachment.from_bytes(str(filename), data, content_type=content_type)
+        if isinstance(item, (MIMEBase, MIMEPart)):
+            return _mime_attachment(item, field)
+        try:
+            filename, content, mimetype = item
+        except (TypeError, ValueError):
+            raise ValidationError(field, "expected (filename, content, mimetype)") from None
+        if not filename:
+            raise ValidationError(field, "needs a filename")
+        if isinstance(content, EmailMessage):
+            raise ValidationError(field, "attached emails (message/rfc822) are not supported")
+        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+        if not mimetype:
+            mimetype = mimetypes.guess_type(filename)[0] or DEFAULT_ATTACHMENT_TYPE
+        content_type = str(mimetype).split(";", 1)[0].strip()
+        return Attachment.from_bytes(str(filename), data, content_type=content_type)
+    except ValidationError as exc:
+        if exc.field == field or exc.field.startswith(field + "."):
+            raise
+        raise ValidationError(f"{field}.{exc.field}", exc.problem) from None
+
+
+def _mime_attachment(item: MIMEBase | MIMEPart, field: str) -> Attachment:
+    """A MIME part given to ``attach()``: an attachment, or an inline part (``cid:``).
+
+    A part with a ``Content-ID`` and no ``Content-Disposition: attachment`` is inline: it
+    goes into ``multipart/related`` with the html body, as mail readers expect.
+    """
+    filename = item.get_filename()
+    raw_cid = item.get("Content-ID")
+    content_id = None if raw_cid is None else str(raw_cid).strip()
+    disposition = item.get_content_disposition()
+    if not filename and not content_id:
+        raise ValidationError(
+            field, "a MIME part needs a filename or a Content-ID (for an inline image)"
+        )
+    payload = item.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise ValidationError(field, f"{item.get_content_type()} parts cannot be attached")
+    inline = disposition == "inline" or (disposition is None and content_id is not None)
+    return Attachment.from_bytes(
+        filename or None,
+        payload,
+        content_type=item.get_content_type(),
+        content_id=content_id,
+        inline=inline,
+    )
+
+
+def _alternative_type(mimetype: str) -> tuple[str, dict[str, str]]:
+    """``"text/calendar; method=REQUEST"`` -> ``("text/calendar", {"method": "REQUEST"})``.
+
+    The charset parameter is dropped: ses-tasks always sends text as UTF-8.
+    """
+    content_type, *raw_params = str(mimetype).split(";")
+    params: dict[str, str] = {}
+    for raw in raw_params:
+        name, _, value = raw.partition("=")
+        name, value = name.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if name and name.lower() != "charset":
+            params[name] = value
+    return content_type.strip().lower(), params
+
+
+def _add_alternatives(message: EmailMessage, fields: dict[str, Any]) -> None:
+    """Django's alternatives, in Django's order, as ``html``/``text``/``alternatives``.
+
+    One text/plain and one text/html body at most (the text/plain part always goes
+    first); other text/* types keep their place relative to the html part.
+    """
+    extra: list[Alternative] = []
+    for index, alternative in enumerate(getattr(message, "alternatives", None) or []):
+        field = f"alternatives[{index}]"
+        content, mimetype = alternative[0], alternative[1]
+        content_type, params = _alternative_type(mimetype)
+        major = content_type.partition("/")[0]
+        if major in ("multipart", "message"):
+            raise ValidationError(
+                field,
+                f"{content_type} cannot be carried as an alternative (send one body per type)",
+            )
+        if major != "text":
+            raise ValidationError(
+                field,
+                f"only text/* alternatives (text/html, text/calendar, ...) are supported, "
+                f"not {content_type}; attach other content instead",
+            )
+        if isinstance(content, bytes):
+            try:
+                content = content.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValidationError(field, "bytes content must be UTF-8 text") from None
+        if content_type in ("text/plain", "text/html"):
+            key = "text" if content_type == "text/plain" else "html"
+            if fields.get(key) is not None:
+                raise ValidationError(
+                    field,
+                    f"a second {content_type} body is ambiguous (the message already has one)",
+                )
+            fields[key] = str(content)
+            continue
+        try:
+            extra.append(
+                Alternative(
+                    content_type=content_type,
+                    content=str(content),
+                    params=params,
+                    after_html=fields.get("html") is not None,
+                )
+            )
+        except ValidationError as exc:
+            raise ValidationError(f"{field}.{exc.field}", exc.problem) from None
+    if extra:
+        fields["alternatives"] = extra
 
 
 def message_fields(message: EmailMessage) -> dict[str, Any]:
     """A Django ``EmailMessage``/``EmailMultiAlternatives`` as ``SesTasks.send_email`` fields.
 
-    Raises ``ValidationError`` for what SES mail from ses-tasks cannot carry: alternatives
-    other than one text/html part, inline MIME parts without a filename, attached emails.
+    Raises ``ValidationError`` for what SES mail from ses-tasks cannot carry: non-text,
+    multipart or message alternatives, a second text/plain or text/html alternative, MIME
+    parts with neither a filename nor a Content-ID, attached emails.
     """
     fields: dict[str, Any] = {
         "from": message.from_email or django_settings.DEFAULT_FROM_EMAIL,
@@ -102,14 +199,7 @@ def message_fields(message: EmailMessage) -> dict[str, Any]:
         fields["html"] = body
     else:
         fields["text"] = body
-    for index, alternative in enumerate(getattr(message, "alternatives", None) or []):
-        content, mimetype = alternative[0], alternative[1]
-        if mimetype != "text/html" or fields.get("html") is not None:
-            raise ValidationError(
-                f"alternatives[{index}]",
-                f"only one text/html alternative is supported, not {mimetype}",
-            )
-        fields["html"] = str(content)
+    _add_alternatives(message, fields)
     if fields.get("text") is None and fields.get("html") is None:
         fields["text"] = ""
 

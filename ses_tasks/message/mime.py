@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 from urllib.parse import quote
 
 from ses_tasks.errors import ValidationError
@@ -31,6 +32,8 @@ __all__ = [
     "FOLD_COLUMNS",
     "MAX_LINE_OCTETS",
     "Layout",
+    "MimeAttachment",
+    "TextAlternative",
     "address_header",
     "check_header_text",
     "check_unicode",
@@ -40,6 +43,7 @@ __all__ = [
     "format_address",
     "list_header",
     "new_boundary",
+    "text_content_type",
     "unstructured_header",
 ]
 
@@ -272,11 +276,50 @@ def encode_body(text: str, field: str) -> tuple[bytes, bytes]:
     return b"base64", base64.encodebytes(raw.replace(b"\n", b"\r\n")).replace(b"\n", b"\r\n")
 
 
+class MimeAttachment(NamedTuple):
+    """An attachment as the MIME writer takes it (the spec has checked every field).
+
+    ``content_id`` without angle brackets. An ``inline`` part with a ``content_id`` goes
+    into ``multipart/related`` with the html body when there is one; every other part is
+    a part of ``multipart/mixed`` (``Content-Disposition: inline`` or ``attachment``).
+    """
+
+    filename: str | None
+    content_type: str
+    content: bytes
+    content_id: str | None = None
+    inline: bool = False
+
+
+class TextAlternative(NamedTuple):
+    """A ``text/*`` part of ``multipart/alternative`` besides text/plain and text/html.
+
+    ``after_html``: placed after the html part (the html part is otherwise the last,
+    preferred one); alternatives keep their given order on either side of it.
+    """
+
+    content_type: str
+    content: str
+    params: tuple[tuple[str, str], ...] = ()
+    after_html: bool = False
+
+
 def encode_attachment_part(
-    filename: str, content_type: str, content: bytes, boundary: bytes
+    filename: str | None,
+    content_type: str,
+    content: bytes,
+    boundary: bytes,
+    *,
+    content_id: str | None = None,
+    inline: bool = False,
 ) -> bytes:
-    """A complete body part (delimiter line, headers, base64 body) for an attachment."""
+    """A complete body part (delimiter line, headers, base64 body) for an attachment.
+
+    ``Content-ID: <content_id>`` when given; ``Content-Disposition`` is ``inline`` or
+    ``attachment``, with the filename when there is one.
+    """
     body = base64.encodebytes(content).replace(b"\n", b"\r\n")
+    cid = b"" if content_id is None else b"Content-ID: <" + content_id.encode("ascii") + b">\r\n"
     return (
         b"--"
         + boundary
@@ -286,14 +329,17 @@ def encode_attachment_part(
         + CRLF
         + b"Content-Transfer-Encoding: base64"
         + CRLF
-        + _content_disposition(filename)
+        + cid
+        + _content_disposition(filename, b"inline" if inline else b"attachment")
         + CRLF
         + body
         + CRLF
     )
 
 
-def _content_disposition(filename: str) -> bytes:
+def _content_disposition(filename: str | None, disposition: bytes = b"attachment") -> bytes:
+    if filename is None:
+        return b"Content-Disposition: " + disposition + CRLF
     if (
         len(filename) <= 60
         and _PRINTABLE_ASCII_RE.fullmatch(filename)
@@ -301,7 +347,13 @@ def _content_disposition(filename: str) -> bytes:
         and filename == filename.strip()
     ):
         quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-        return b'Content-Disposition: attachment; filename="' + quoted.encode("ascii") + b'"\r\n'
+        return (
+            b"Content-Disposition: "
+            + disposition
+            + b'; filename="'
+            + quoted.encode("ascii")
+            + b'"\r\n'
+        )
     # RFC 2231: percent-encoded UTF-8, split into numbered sections to keep lines short.
     encoded = quote(filename, safe="!#$&+-.^_`|~")
     chunks: list[str] = []
@@ -319,7 +371,32 @@ def _content_disposition(filename: str) -> bytes:
             f"filename*{i}*={_RFC2231_PREFIX if i == 0 else ''}{chunk}"
             for i, chunk in enumerate(chunks)
         ]
-    return ("Content-Disposition: attachment;\r\n " + ";\r\n ".join(params)).encode("ascii") + CRLF
+    return (
+        b"Content-Disposition: "
+        + disposition
+        + (";\r\n " + ";\r\n ".join(params)).encode("ascii")
+        + CRLF
+    )
+
+
+# An RFC 2045 token without "'" and "*": RFC 2231 gives those a meaning that parsers (the
+# email package's among them) apply to unquoted values too, so such values are quoted.
+_TOKEN_RE = re.compile(r"[!#$%&+\-.^_`|~0-9A-Za-z]+")
+
+
+def text_content_type(content_type: str, params: Sequence[tuple[str, str]] = ()) -> bytes:
+    """``Content-Type: type/subtype; charset="utf-8"; name=value`` CRLF, folded at 78.
+
+    Parameter names and values are checked by the caller (printable ASCII, no ``"`` or
+    ``\\``); a value that is not a token is quoted.
+    """
+    items = ['charset="utf-8"']
+    items += [
+        f"{name}={value}" if _TOKEN_RE.fullmatch(value) else f'{name}="{value}"'
+        for name, value in params
+    ]
+    tokens = [content_type + ";"] + [item + ";" for item in items[:-1]] + [items[-1]]
+    return _fold_tokens("Content-Type: ", tokens)
 
 
 # --------------------------------------------------------------------------- structure
@@ -338,13 +415,28 @@ _CTE = {
     b"base64": b"Content-Transfer-Encoding: base64\r\n",
 }
 
+#: An encoded text part: (transfer encoding, body, Content-Type line).
+_EncodedText = tuple[bytes, bytes, bytes]
+
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The MIME structure of a message, encoded once: boundaries and attachment parts.
+    """The MIME structure of a message, encoded once: boundaries and the fixed parts.
 
-    ``assemble`` adds the per-message bodies. Attachments are fixed per layout, which is
-    what lets a campaign encode them once.
+    ``assemble`` adds the per-message bodies. Attachments, inline parts and extra
+    alternatives are fixed per layout, which is what lets a campaign encode them once.
+
+    The structure (RFC 2046, RFC 2387), from the inside out:
+
+    * the html body, inside ``multipart/related`` with the inline parts that have a
+      Content-ID when there are any (``type="text/html"``, html first);
+    * ``multipart/alternative`` when there is more than one of: text/plain (first), the
+      extra alternatives (given order), the html block (last unless an alternative says
+      ``after_html``);
+    * ``multipart/mixed`` around that when there are attachments (and inline parts that
+      did not go into ``multipart/related``).
+
+    Without inline parts or extra alternatives ``assemble`` takes the original fast path.
     """
 
     has_text: bool
@@ -352,6 +444,11 @@ class Layout:
     mixed_boundary: bytes
     alt_boundary: bytes
     attachment_parts: bytes  # every attachment part, each with its delimiter line
+    related_boundary: bytes = b""
+    related_parts: bytes = b""  # inline parts referenced by cid:, each with its delimiter
+    before_html: tuple[_EncodedText, ...] = ()
+    after_html: tuple[_EncodedText, ...] = ()
+    nested: bool = False  # inline parts or extra alternatives: not the fast path
 
     @classmethod
     def build(
@@ -359,20 +456,62 @@ class Layout:
         *,
         has_text: bool,
         has_html: bool,
-        attachments: Sequence[tuple[str, str, bytes]] = (),
+        attachments: Sequence[MimeAttachment] = (),
+        alternatives: Sequence[TextAlternative] = (),
     ) -> Layout:
         mixed = new_boundary()
-        parts = b"".join(
-            encode_attachment_part(name, ctype, content, mixed)
-            for name, ctype, content in attachments
+        related = [a for a in attachments if has_html and a.inline and a.content_id]
+        in_mixed = [a for a in attachments if not (has_html and a.inline and a.content_id)]
+        parts = b"".join(_attachment_part(a, mixed) for a in in_mixed)
+        related_boundary = new_boundary() if related else b""
+        related_parts = b"".join(_attachment_part(a, related_boundary) for a in related)
+        before: list[_EncodedText] = []
+        after: list[_EncodedText] = []
+        for index, alternative in enumerate(alternatives):
+            cte, body = encode_body(alternative.content, f"alternatives[{index}].content")
+            line = text_content_type(alternative.content_type, alternative.params)
+            (after if has_html and alternative.after_html else before).append((cte, body, line))
+        layout = cls(
+            has_text,
+            has_html,
+            mixed,
+            new_boundary(),
+            parts,
+            related_boundary,
+            related_parts,
+            tuple(before),
+            tuple(after),
+            bool(related or before or after),
         )
-        return cls(has_text, has_html, mixed, new_boundary(), parts)
+        if layout._collides(*layout.before_html, *layout.after_html):
+            layout = layout.renew()
+        return layout
 
     def renew(self) -> Layout:
         """The same layout with fresh boundaries (a 7bit body happened to contain one)."""
-        mixed = new_boundary()
-        parts = self.attachment_parts.replace(b"--" + self.mixed_boundary, b"--" + mixed)
-        return Layout(self.has_text, self.has_html, mixed, new_boundary(), parts)
+        while True:
+            mixed = new_boundary()
+            parts = self.attachment_parts.replace(b"--" + self.mixed_boundary, b"--" + mixed)
+            related, related_parts = self.related_boundary, self.related_parts
+            if related:
+                related = new_boundary()
+                related_parts = related_parts.replace(
+                    b"--" + self.related_boundary, b"--" + related
+                )
+            layout = Layout(
+                self.has_text,
+                self.has_html,
+                mixed,
+                new_boundary(),
+                parts,
+                related,
+                related_parts,
+                self.before_html,
+                self.after_html,
+                self.nested,
+            )
+            if not layout._collides(*layout.before_html, *layout.after_html):
+                return layout
 
     def assemble(self, text: str | None, html: str | None) -> bytes:
         """Content headers, blank line and body; starts with ``Content-Type``."""
@@ -383,12 +522,20 @@ class Layout:
             layout = layout.renew()
         return layout._assemble(text_part, html_part)
 
-    def _collides(self, *parts: tuple[bytes, bytes] | None) -> bool:
+    def _collides(self, *parts: tuple[bytes, ...] | None) -> bool:
         for part in parts:
             if (
                 part is not None
                 and part[0] == b"7bit"
-                and (self.mixed_boundary in part[1] or self.alt_boundary in part[1])
+                and (
+                    self.mixed_boundary in part[1]
+                    or self.alt_boundary in part[1]
+                    or (
+                        self.nested
+                        and self.related_boundary != b""
+                        and self.related_boundary in part[1]
+                    )
+                )
             ):
                 return True
         return False
@@ -396,6 +543,8 @@ class Layout:
     def _assemble(
         self, text_part: tuple[bytes, bytes] | None, html_part: tuple[bytes, bytes] | None
     ) -> bytes:
+        if self.nested:
+            return self._wrap_mixed(self._assemble_nested(text_part, html_part))
         if text_part is not None and html_part is not None:
             alt = self.alt_boundary
             inner = b"".join(
@@ -445,3 +594,81 @@ class Layout:
                 b"--\r\n",
             )
         )
+
+    def _assemble_nested(
+        self, text_part: tuple[bytes, bytes] | None, html_part: tuple[bytes, bytes] | None
+    ) -> bytes:
+        """The general case: inline parts and/or extra alternatives."""
+        entities: list[bytes] = []
+        if text_part is not None:
+            entities.append(_TEXT_TYPE + _CTE[text_part[0]] + CRLF + text_part[1])
+        entities += [line + _CTE[cte] + CRLF + body for cte, body, line in self.before_html]
+        if html_part is not None:
+            html = _HTML_TYPE + _CTE[html_part[0]] + CRLF + html_part[1]
+            if self.related_parts:
+                rel = self.related_boundary
+                html = b"".join(
+                    (
+                        b'Content-Type: multipart/related; type="text/html";\r\n boundary="',
+                        rel,
+                        b'"\r\n\r\n--',
+                        rel,
+                        CRLF,
+                        html,
+                        CRLF,
+                        self.related_parts,
+                        b"--",
+                        rel,
+                        b"--\r\n",
+                    )
+                )
+            entities.append(html)
+        entities += [line + _CTE[cte] + CRLF + body for cte, body, line in self.after_html]
+        if not entities:  # pragma: no cover - callers guarantee a body
+            raise ValidationError("text", "a message needs a text or an html body")
+        if len(entities) == 1:
+            return entities[0]
+        alt = self.alt_boundary
+        delimiter = b"--" + alt + CRLF
+        return b"".join(
+            (
+                b'Content-Type: multipart/alternative;\r\n boundary="',
+                alt,
+                b'"\r\n\r\n',
+                *(delimiter + entity + CRLF for entity in entities),
+                b"--",
+                alt,
+                b"--\r\n",
+            )
+        )
+
+    def _wrap_mixed(self, inner: bytes) -> bytes:
+        if not self.attachment_parts:
+            return inner
+        mixed = self.mixed_boundary
+        return b"".join(
+            (
+                b'Content-Type: multipart/mixed;\r\n boundary="',
+                mixed,
+                b'"\r\n\r\n--',
+                mixed,
+                CRLF,
+                inner,
+                CRLF,
+                self.attachment_parts,
+                b"--",
+                mixed,
+                b"--\r\n",
+            )
+        )
+
+
+def _attachment_part(attachment: MimeAttachment, boundary: bytes) -> bytes:
+    return encode_attachment_part(
+        attachment.filename,
+        attachment.content_type,
+        attachment.content,
+        boundary,
+        content_id=attachment.content_id,
+        inline=attachment.inline,
+    )

@@ -33,7 +33,16 @@ from urllib.parse import urlsplit
 
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 
 from ses_tasks.errors import ValidationError
@@ -44,6 +53,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_RECIPIENTS",
     "Address",
+    "Alternative",
     "Attachment",
     "CampaignTemplate",
     "MessageSpec",
@@ -66,6 +76,9 @@ MAX_MESSAGE_ID_CHARS = 128
 MAX_TAGS_HEADER_CHARS = 256
 MAX_TAGS = 50
 MAX_FILENAME_CHARS = 255
+MAX_CONTENT_ID_CHARS = 250
+MAX_ALTERNATIVE_PARAMS = 10
+MAX_PARAM_VALUE_CHARS = 200
 #: Upper bound on a string built by ``*`` or ``**`` in a template (sandbox hardening).
 MAX_TEMPLATE_VALUE_CHARS = 1_000_000
 
@@ -94,6 +107,13 @@ _CONTENT_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
 _MESSAGE_ID_RE = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
 )
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+#: RFC 5322 msg-id without its angle brackets; the "@right" half is optional because real
+#: mail (and Django apps) use ``<logo>`` style Content-IDs.
+_CONTENT_ID_RE = re.compile(rf"{_DOT_ATOM}(?:@(?:{_DOT_ATOM}|\[[!-Z^-~]*\]))?")
+_PARAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,63}")
+_PARAM_VALUE_RE = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")  # printable, no '"' or '\'
 _URL_FORBIDDEN_RE = re.compile(r"[^\x21-\x7e]|[<>,]")
 _WSP_RUN_RE = re.compile(r"[ \t]\s*")
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
@@ -235,51 +255,174 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-class Attachment(_Model):
-    """A small file carried inline, base64 in JSON (re-encoded for MIME at render time)."""
+def _content_type(value: str) -> tuple[str, str]:
+    """Lower-case ``(major, minor)`` of a bare ``type/subtype``, or ValidationError."""
+    major, _, minor = value.partition("/")
+    if not (_CONTENT_TYPE_RE.fullmatch(major) and _CONTENT_TYPE_RE.fullmatch(minor)):
+        raise ValidationError(
+            "content_type", "must be 'type/subtype' (e.g. application/pdf), no parameters"
+        )
+    return major.lower(), minor.lower()
 
-    filename: str
+
+def _strip_angle_brackets(value: Any) -> Any:
+    """``<id@host>`` -> ``id@host``: Content-IDs are stored without their brackets."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == "<" and value[-1] == ">":
+        return value[1:-1]
+    return value
+
+
+class Attachment(_Model):
+    """A small file carried inline, base64 in JSON (re-encoded for MIME at render time).
+
+    ``content_id`` (without angle brackets; ``<x@y>`` is accepted and stored as ``x@y``)
+    writes ``Content-ID: <x@y>``. ``inline`` writes ``Content-Disposition: inline``; an
+    inline part with a ``content_id`` is placed in ``multipart/related`` with the html
+    body, where ``<img src="cid:x@y">`` shows it. Only inline parts may go without a
+    ``filename``.
+    """
+
+    filename: str | None = None
     content_type: str = "application/octet-stream"
     content_b64: str
+    content_id: str | None = None
+    inline: bool = False
+
+    _brackets = field_validator("content_id", mode="before")(_strip_angle_brackets)
 
     @classmethod
     def from_bytes(
-        cls, filename: str, content: bytes, *, content_type: str = "application/octet-stream"
+        cls,
+        filename: str | None,
+        content: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        content_id: str | None = None,
+        inline: bool = False,
     ) -> Attachment:
         return cls(
             filename=filename,
             content_type=content_type,
             content_b64=base64.b64encode(content).decode("ascii"),
+            content_id=content_id,
+            inline=inline,
         )
 
     @property
     def content(self) -> bytes:
         return binascii.a2b_base64(self.content_b64)
 
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Leave the newer fields out unless used: workers of the previous release refuse
+        # unknown fields, and a plain attachment then stays readable by them.
+        data: dict[str, Any] = handler(self)
+        if self.content_id is None:
+            data.pop("content_id", None)
+        if not self.inline:
+            data.pop("inline", None)
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         name = self.filename
-        if not name.strip():
-            raise ValidationError("filename", "is empty")
-        mime.check_header_text(name, "filename")
-        if len(name) > MAX_FILENAME_CHARS:
-            raise ValidationError("filename", f"is longer than {MAX_FILENAME_CHARS} characters")
-        if "/" in name or "\\" in name:
-            raise ValidationError("filename", "must be a bare file name, without '/' or '\\'")
-        major, _, minor = self.content_type.partition("/")
-        if not (_CONTENT_TYPE_RE.fullmatch(major) and _CONTENT_TYPE_RE.fullmatch(minor)):
-            raise ValidationError(
-                "content_type", "must be 'type/subtype' (e.g. application/pdf), no parameters"
-            )
-        if major.lower() in ("multipart", "message"):
+        if name is None:
+            if not self.inline:
+                raise ValidationError(
+                    "filename", "is required (only an inline part may go without one)"
+                )
+        else:
+            if not name.strip():
+                raise ValidationError("filename", "is empty")
+            mime.check_header_text(name, "filename")
+            if len(name) > MAX_FILENAME_CHARS:
+                raise ValidationError("filename", f"is longer than {MAX_FILENAME_CHARS} characters")
+            if "/" in name or "\\" in name:
+                raise ValidationError("filename", "must be a bare file name, without '/' or '\\'")
+        major, _minor = _content_type(self.content_type)
+        if major in ("multipart", "message"):
             raise ValidationError(
                 "content_type", f"{major}/* cannot be attached as base64; use application/*"
             )
+        if self.content_id is not None:
+            _check_content_id(self.content_id)
         try:
             binascii.a2b_base64(self.content_b64, strict_mode=True)
         except (binascii.Error, ValueError) as exc:
             raise ValidationError("content_b64", f"is not valid base64 ({exc})") from None
         return self
+
+
+def _check_content_id(value: str) -> None:
+    mime.check_header_text(value, "content_id")
+    if len(value) > MAX_CONTENT_ID_CHARS or not _CONTENT_ID_RE.fullmatch(value):
+        raise ValidationError(
+            "content_id",
+            f"must be a message id such as logo@example.com (1 to {MAX_CONTENT_ID_CHARS} "
+            "ASCII characters: letters, digits, dots and !#$%&'*+/=?^_`{|}~-, at most one '@'; "
+            "no spaces, and '<' '>' only around the whole id)",
+        )
+
+
+class Alternative(_Model):
+    """An extra ``text/*`` part of ``multipart/alternative`` (text/calendar, AMP, ...).
+
+    ``text`` and ``html`` stay the text/plain and text/html parts; these come between
+    them, in the order given, so the html part stays the last (preferred, RFC 2046 5.1.4)
+    unless ``after_html`` places one after it (calendar invites: text, html, calendar).
+    ``params`` are extra Content-Type parameters (``{"method": "REQUEST"}``); the charset
+    is always utf-8.
+    """
+
+    content_type: str
+    content: str
+    params: dict[str, str] = Field(default_factory=dict)
+    after_html: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        major, minor = _content_type(self.content_type)
+        if major in ("multipart", "message"):
+            raise ValidationError(
+                "content_type", f"{major}/* cannot be an alternative; send one text/* body"
+            )
+        if major != "text":
+            raise ValidationError(
+                "content_type",
+                f"only text/* alternatives are supported, not {self.content_type} "
+                "(send other content as an attachment)",
+            )
+        if minor in ("plain", "html"):
+            raise ValidationError(
+                "content_type", f"text/{minor} is the message's {_BODY_FIELDS[minor]} field"
+            )
+        if len(self.params) > MAX_ALTERNATIVE_PARAMS:
+            raise ValidationError("params", f"more than {MAX_ALTERNATIVE_PARAMS} parameters")
+        seen: set[str] = set()
+        for name, value in self.params.items():
+            field = f"params.{name}"
+            mime.check_header_text(name, field)
+            if not _PARAM_NAME_RE.fullmatch(name):
+                raise ValidationError(
+                    field, "parameter names are ASCII letters, digits and !#$&^_.+-"
+                )
+            if name.lower() == "charset":
+                raise ValidationError(field, "the charset is always utf-8")
+            if name.lower() in seen:
+                raise ValidationError(field, "is given twice (parameter names ignore case)")
+            seen.add(name.lower())
+            mime.check_header_text(value, field)
+            if len(value) > MAX_PARAM_VALUE_CHARS or not _PARAM_VALUE_RE.fullmatch(value):
+                raise ValidationError(
+                    field,
+                    f"values are at most {MAX_PARAM_VALUE_CHARS} printable ASCII characters, "
+                    "without '\"' or '\\'",
+                )
+        mime.check_unicode(self.content, "content")
+        return self
+
+
+_BODY_FIELDS = {"plain": "text", "html": "html"}
 
 
 class MessageSpec(_Model):
@@ -293,6 +436,7 @@ class MessageSpec(_Model):
     subject: str
     text: str | None = None
     html: str | None = None
+    alternatives: list[Alternative] = Field(default_factory=list)
     headers: dict[str, str] = Field(default_factory=dict)
     attachments: list[Attachment] = Field(default_factory=list)
     configuration_set: str | None = None
@@ -302,6 +446,15 @@ class MessageSpec(_Model):
     idempotency_key: str | None = None
 
     _as_lists = field_validator("to", "cc", "bcc", "reply_to", mode="before")(_as_list)
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # As for Attachment: a message without alternatives stays readable by the workers
+        # of the previous release, which refuse unknown fields.
+        data: dict[str, Any] = handler(self)
+        if not self.alternatives:
+            data.pop("alternatives", None)
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -482,7 +635,8 @@ class _Prepared:
     subject_line: bytes
     fixed: bytes
     unsubscribe: bytes
-    attachments: list[tuple[str, str, bytes]]
+    attachments: list[mime.MimeAttachment]
+    alternatives: list[mime.TextAlternative]
 
 
 def _prepare(spec: MessageSpec) -> _Prepared:
@@ -508,8 +662,50 @@ def _prepare(spec: MessageSpec) -> _Prepared:
     )
     unsubscribe = _unsubscribe_lines(spec.list_unsubscribe_url, spec.list_unsubscribe_mailto)
     _check_idempotency_key(spec.idempotency_key)
-    attachments = [(a.filename, a.content_type.lower(), a.content) for a in spec.attachments]
-    return _Prepared(sender, to, cc, bcc, reply_to, subject_line, fixed, unsubscribe, attachments)
+    attachments = _mime_attachments(spec.attachments)
+    alternatives = _mime_alternatives(spec.alternatives)
+    return _Prepared(
+        sender, to, cc, bcc, reply_to, subject_line, fixed, unsubscribe, attachments, alternatives
+    )
+
+
+def _mime_attachments(
+    attachments: Sequence[Attachment], field_prefix: str = ""
+) -> list[mime.MimeAttachment]:
+    """The attachments for the MIME writer; a Content-ID may be used once per message."""
+    seen: dict[str, int] = {}
+    parts: list[mime.MimeAttachment] = []
+    for index, a in enumerate(attachments):
+        if a.content_id is not None:
+            first = seen.setdefault(a.content_id, index)
+            if first != index:
+                raise ValidationError(
+                    f"{field_prefix}attachments[{index}].content_id",
+                    f"{a.content_id!r} is already the Content-ID of attachments[{first}]",
+                )
+        parts.append(
+            mime.MimeAttachment(
+                a.filename, a.content_type.lower(), a.content, a.content_id, a.inline
+            )
+        )
+    return parts
+
+
+def _mime_alternatives(alternatives: Sequence[Alternative]) -> list[mime.TextAlternative]:
+    """The extra alternatives for the MIME writer; one part per content type."""
+    seen: dict[str, int] = {}
+    parts: list[mime.TextAlternative] = []
+    for index, alt in enumerate(alternatives):
+        ctype = alt.content_type.lower()
+        first = seen.setdefault(ctype, index)
+        if first != index:
+            raise ValidationError(
+                f"alternatives[{index}].content_type",
+                f"{ctype} is already alternatives[{first}]; which one a reader shows is ambiguous",
+            )
+        params = tuple((name.lower(), value) for name, value in alt.params.items())
+        parts.append(mime.TextAlternative(ctype, alt.content, params, alt.after_html))
+    return parts
 
 
 def _check_size(size: int, max_bytes: int) -> None:
@@ -547,13 +743,20 @@ def render_message(
     copies keep ours.
     """
     prepared = _prepare(spec)
-    for index, (name, _ctype, content) in enumerate(prepared.attachments):
-        encoded_size = (len(content) + 2) // 3 * 4 * 78 // 76
+    for index, part in enumerate(prepared.attachments):
+        encoded_size = (len(part.content) + 2) // 3 * 4 * 78 // 76
         if encoded_size > max_bytes:
+            name = part.filename or f"<{part.content_id}>"
             raise ValidationError(
                 f"attachments[{index}]",
-                f"{name!r} is {encoded_size:,} bytes once encoded, over the message limit "
-                f"of {max_bytes:,} bytes",
+                f"{name!r} is {encoded_size:,} bytes once encoded, "
+                f"over the message limit of {max_bytes:,} bytes",
+            )
+    for index, alternative in enumerate(prepared.alternatives):
+        if len(alternative.content) > max_bytes:  # characters: at least as many bytes
+            raise ValidationError(
+                f"alternatives[{index}]",
+                f"{alternative.content_type} is over {max_bytes:,} bytes, the message limit",
             )
     domain = (
         _ascii_domain(message_id_domain, "message_id_domain")
@@ -565,6 +768,7 @@ def render_message(
         has_text=spec.text is not None,
         has_html=spec.html is not None,
         attachments=prepared.attachments,
+        alternatives=prepared.alternatives,
     )
     head = [mime.address_header("From", _addresses([prepared.sender]))]
     if prepared.to:
@@ -625,15 +829,53 @@ def to_email_message(
         msg["List-Unsubscribe"] = ", ".join(items)
         if spec.list_unsubscribe_url is not None:
             msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    # The same order as mime.Layout: text, alternatives, html (related), after_html ones.
+    has_html = spec.html is not None
+    bodies: list[tuple[str, str, dict[str, str]]] = []
     if spec.text is not None:
-        msg.set_content(spec.text)
-        if spec.html is not None:
-            msg.add_alternative(spec.html, subtype="html")
-    elif spec.html is not None:
-        msg.set_content(spec.html, subtype="html")
-    for filename, ctype, content in prepared.attachments:
-        maintype, _, subtype = ctype.partition("/")
-        msg.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename)
+        bodies.append((spec.text, "plain", {}))
+    bodies += [
+        (a.content, a.content_type.partition("/")[2], dict(a.params))
+        for a in prepared.alternatives
+        if not (has_html and a.after_html)
+    ]
+    html_index = len(bodies)
+    if spec.html is not None:
+        bodies.append((spec.html, "html", {}))
+    bodies += [
+        (a.content, a.content_type.partition("/")[2], dict(a.params))
+        for a in prepared.alternatives
+        if has_html and a.after_html
+    ]
+    for index, (content, subtype, params) in enumerate(bodies):
+        if index == 0:
+            msg.set_content(content, subtype=subtype, params=params or None)
+        else:
+            msg.add_alternative(content, subtype=subtype, params=params or None)
+    related = [a for a in prepared.attachments if has_html and a.inline and a.content_id]
+    others = [a for a in prepared.attachments if not (has_html and a.inline and a.content_id)]
+    if related:
+        html_part = list(msg.iter_parts())[html_index] if len(bodies) > 1 else msg
+        for a in related:
+            maintype, _, subtype = a.content_type.partition("/")
+            html_part.add_related(
+                a.content,
+                maintype=maintype,
+                subtype=subtype,
+                filename=a.filename,
+                cid=f"<{a.content_id}>",
+                disposition="inline",
+            )
+    for a in others:
+        maintype, _, subtype = a.content_type.partition("/")
+        msg.add_attachment(
+            a.content,
+            maintype=maintype,
+            subtype=subtype,
+            filename=a.filename,
+            cid=None if a.content_id is None else f"<{a.content_id}>",
+            disposition="inline" if a.inline else "attachment",
+        )
     return msg
 
 
@@ -841,14 +1083,15 @@ class CampaignTemplate:
             if self._unsub_url_t is None and self._unsub_mailto_t is None
             else b""
         )
-        attachments = [(a.filename, a.content_type.lower(), a.content) for a in f.attachments]
+        attachments = _mime_attachments(f.attachments, "template.")
         self._layout = mime.Layout.build(
             has_text=f.text is not None, has_html=f.html is not None, attachments=attachments
         )
-        if len(self._layout.attachment_parts) > f.max_bytes:
+        encoded = len(self._layout.attachment_parts) + len(self._layout.related_parts)
+        if encoded > f.max_bytes:
             raise ValidationError(
                 "template.attachments",
-                f"attachments are {len(self._layout.attachment_parts):,} bytes once encoded, "
+                f"attachments are {encoded:,} bytes once encoded, "
                 f"over the message limit of {f.max_bytes:,} bytes",
             )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
+from email.mime.image import MIMEImage
 from email.mime.text import MIMEText
 
 import pytest
@@ -26,6 +28,7 @@ from django.test.utils import override_settings  # noqa: E402
 
 from ses_tasks.errors import ValidationError  # noqa: E402
 from ses_tasks.integrations.django import EmailBackend, message_fields  # noqa: E402
+from ses_tasks.message.spec import MessageSpec  # noqa: E402
 
 
 def ses_tasks_setting(env: dict[str, str]) -> dict[str, str]:
@@ -35,6 +38,32 @@ def ses_tasks_setting(env: dict[str, str]) -> dict[str, str]:
 
 def parse(accepted: dict) -> email.message.EmailMessage:
     return email.message_from_string(accepted["data"], policy=email.policy.default)
+
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+INVITE = (
+    "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nMETHOD:REQUEST\r\nBEGIN:VEVENT\r\n"
+    "UID:42@example.com\r\nSUMMARY:Planning ☕\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n"
+)
+
+
+def image(
+    content_id: str | None, disposition: str | None = None, filename: str | None = None
+) -> MIMEImage:
+    """The usual Django recipe for an inline image (``<img src="cid:...">``)."""
+    part = MIMEImage(PNG, "png")
+    if content_id is not None:
+        part.add_header("Content-ID", content_id)
+    if disposition is not None:
+        params = {} if filename is None else {"filename": filename}
+        part.add_header("Content-Disposition", disposition, **params)
+    return part
+
+
+def tree(part: email.message.EmailMessage):
+    if part.is_multipart():
+        return (part.get_content_type(), [tree(child) for child in part.iter_parts()])
+    return part.get_content_type()
 
 
 def test_multi_alternatives_with_attachments_arrive_intact(make_pipeline):
@@ -150,15 +179,31 @@ def test_html_body_and_header_mapping():
     ("build", "field"),
     [
         (lambda m: m.extra_headers.update({"To": "x@example.com"}), "headers.To"),
-        (lambda m: m.attach_alternative("x", "text/calendar"), "alternatives[0]"),
+        (lambda m: m.attach_alternative("x", "multipart/mixed"), "alternatives[0]"),
+        (lambda m: m.attach_alternative("x", "message/rfc822"), "alternatives[0]"),
+        (lambda m: m.attach_alternative(b"%PDF", "application/pdf"), "alternatives[0]"),
+        (lambda m: m.attach_alternative("more text", "text/plain"), "alternatives[0]"),
+        (
+            lambda m: [m.attach_alternative(f"<p>{i}</p>", "text/html") for i in (1, 2)],
+            "alternatives[1]",
+        ),
+        (
+            lambda m: [m.attach_alternative("x", "text/calendar") for _ in (1, 2)],
+            "alternatives[1].content_type",
+        ),
         (lambda m: m.attach(MIMEText("inline")), "attachments[0]"),
+        (lambda m: m.attach(image("two words")), "attachments[0].content_id"),
+        (
+            lambda m: m.attach(image("<a@b>\r\nBcc: x@example.com")),
+            "attachments[0].content_id",
+        ),
     ],
 )
 def test_unsupported_parts_are_refused_by_name(build, field):
     message = mail.EmailMultiAlternatives("S", "b", "a@example.com", ["b@example.com"])
     build(message)
     with pytest.raises(ValidationError) as info:
-        message_fields(message)
+        MessageSpec.model_validate(message_fields(message))  # what send_email runs
     assert info.value.field == field
 
 
@@ -199,3 +244,88 @@ def test_the_default_server_email_is_named_loudly_and_logged_when_silent(caplog)
         assert silent.send_messages([message]) == 0
     [record] = [r for r in caplog.records if "not sent" in r.getMessage()]
     assert "SERVER_EMAIL" in record.getMessage() and "disk full" in record.getMessage()
+
+
+def test_inline_images_and_extra_alternatives_are_converted():
+    message = mail.EmailMultiAlternatives("S", "text", "a@example.com", ["b@example.com"])
+    message.attach_alternative("<html amp4email></html>", "text/x-amp-html")
+    message.attach_alternative('<img src="cid:logo@example.com">', "text/html")
+    message.attach_alternative(INVITE, 'text/calendar; method="REQUEST"; charset=utf-8')
+    message.attach(image("<logo@example.com>", "inline"))  # no filename
+    message.attach(image("<named>", "inline", filename="logo.png"))
+    message.attach(image("<bare>"))  # a Content-ID and no disposition: inline too
+    message.attach(image("<kept@example.com>", "attachment", filename="photo.png"))
+    fields = message_fields(message)
+    assert fields["text"] == "text" and fields["html"] == '<img src="cid:logo@example.com">'
+    assert [(a.content_type, a.params, a.after_html) for a in fields["alternatives"]] == [
+        ("text/x-amp-html", {}, False),
+        ("text/calendar", {"method": "REQUEST"}, True),
+    ]
+    attachments = fields["attachments"]
+    assert [(a.filename, a.content_id, a.inline) for a in attachments] == [
+        (None, "logo@example.com", True),
+        ("logo.png", "named", True),
+        (None, "bare", True),
+        ("photo.png", "kept@example.com", False),
+    ]
+    assert all(a.content == PNG and a.content_type == "image/png" for a in attachments)
+
+
+def test_html_body_with_a_text_alternative_puts_text_first():
+    message = mail.EmailMultiAlternatives("S", "<p>html</p>", "a@example.com", ["b@example.com"])
+    message.content_subtype = "html"
+    message.attach_alternative("plain", "text/plain")
+    message.attach_alternative(INVITE, "text/calendar")
+    fields = message_fields(message)
+    assert (fields["text"], fields["html"]) == ("plain", "<p>html</p>")
+    (calendar,) = fields["alternatives"]
+    assert calendar.after_html  # Django's order: the html body came first
+
+
+def test_inline_image_and_calendar_invite_arrive_intact(make_pipeline):
+    pipeline = make_pipeline("starttls")
+    pipeline.start_worker(concurrency=1, queues="transactional")
+    html = '<p>Our logo: <img src="cid:logo@example.com"></p>'
+    message = mail.EmailMultiAlternatives(
+        subject="Planning",
+        body="You are invited",
+        from_email="Team <team@example.com>",
+        to=["guest@example.com"],
+    )
+    message.attach_alternative(html, "text/html")
+    message.attach_alternative(INVITE, "text/calendar; method=REQUEST")
+    message.attach(image("<logo@example.com>", "inline"))
+    message.attach("agenda.txt", "1. coffee\n", "text/plain")
+
+    with override_settings(SES_TASKS=ses_tasks_setting(pipeline.env)):
+        assert mail.get_connection().send_messages([message]) == 1
+    assert message.ses_tasks_result.get(timeout=60)["state"] == "sent"
+
+    (accepted,) = pipeline.accepted(at_least=1)
+    parsed = parse(accepted)
+    assert tree(parsed) == (
+        "multipart/mixed",
+        [
+            (
+                "multipart/alternative",
+                [
+                    "text/plain",
+                    ("multipart/related", ["text/html", "image/png"]),
+                    "text/calendar",
+                ],
+            ),
+            "text/plain",
+        ],
+    )
+    received_html = parsed.get_body(("related",)).get_body(("html",)).get_content()
+    (cid,) = re.findall(r'src="cid:([^"]+)"', received_html)
+    [logo] = [p for p in parsed.walk() if p["Content-ID"] == f"<{cid}>"]
+    assert logo.get_content_type() == "image/png"
+    assert logo.get_content_disposition() == "inline"
+    assert logo.get_payload(decode=True) == PNG
+    [calendar] = [p for p in parsed.walk() if p.get_content_type() == "text/calendar"]
+    assert calendar.get_param("method") == "REQUEST"
+    assert calendar.get_content() == INVITE
+    (agenda,) = parsed.iter_attachments()
+    assert agenda.get_filename() == "agenda.txt"
+    assert agenda.get_payload(decode=True) == b"1. coffee\n"

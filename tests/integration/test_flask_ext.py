@@ -85,3 +85,71 @@ def test_bad_config_fails_at_init_and_missing_init_is_explained():
     assert info.value.setting == "PORT"
     with pytest.raises(ConfigurationError, match="init_app"):
         SesTasksFlask().client  # noqa: B018
+
+
+def test_json_request_with_an_inline_image_and_a_calendar_invite(make_pipeline):
+    """The new message fields as plain JSON, from a request through a worker to SES."""
+    import base64
+    import email
+    import email.policy
+
+    pipeline = make_pipeline("tls")
+    pipeline.start_worker(concurrency=1, queues="transactional")
+    app = flask.Flask("json_mail")
+    app.config["SES_TASKS"] = ses_tasks_config(pipeline.env)
+    ext = SesTasksFlask(app)
+
+    @app.post("/mail")
+    def send() -> dict[str, str]:
+        return {"message_id": ext.send_email(**flask.request.get_json()).message_id}
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
+    invite = "BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nEND:VCALENDAR\r\n"
+    payload = {
+        "from": "team@example.com",
+        "to": ["guest@example.com"],
+        "subject": "Invite",
+        "text": "You are invited",
+        "html": '<img src="cid:logo@example.com">',
+        "alternatives": [
+            {
+                "content_type": "text/calendar",
+                "content": invite,
+                "params": {"method": "REQUEST"},
+                "after_html": True,
+            }
+        ],
+        "attachments": [
+            {
+                "content_type": "image/png",
+                "content_b64": base64.b64encode(png).decode(),
+                "content_id": "<logo@example.com>",
+                "inline": True,
+            }
+        ],
+    }
+    response = app.test_client().post("/mail", json=payload)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    message_id = response.get_json()["message_id"]
+
+    def sent() -> bool:
+        record = ext.client.message_status(message_id)
+        return record is not None and record.state.value == "sent"
+
+    with app.app_context():
+        wait_for(sent, timeout_s=60, interval_s=0.1, what="the invite to be sent")
+    (accepted,) = pipeline.accepted(at_least=1)
+    parsed = email.message_from_string(accepted["data"], policy=email.policy.default)
+    types = [p.get_content_type() for p in parsed.walk()]
+    assert types == [
+        "multipart/alternative",
+        "text/plain",
+        "multipart/related",
+        "text/html",
+        "image/png",
+        "text/calendar",
+    ]
+    [logo] = [p for p in parsed.walk() if p["Content-ID"] == "<logo@example.com>"]
+    assert logo.get_payload(decode=True) == png
+    [calendar] = [p for p in parsed.walk() if p.get_content_type() == "text/calendar"]
+    assert calendar.get_content() == invite and calendar.get_param("method") == "REQUEST"

@@ -17,7 +17,9 @@ from ses_tasks.errors import ValidationError
 from ses_tasks.message.spec import (
     DEFAULT_MAX_BYTES,
     MAX_RECIPIENTS,
+    Alternative,
     Attachment,
+    CampaignTemplate,
     MessageSpec,
     RenderedMessage,
     parse_address,
@@ -558,6 +560,11 @@ def test_boundary_collision_in_7bit_body_is_avoided() -> None:
 
 # --------------------------------------------------------------------------- equivalence
 
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+INLINE_ONLY = Attachment.from_bytes(
+    None, PNG, content_type="image/png", content_id="only", inline=True
+)
+
 LONG_ASCII = "A rather long subject line that certainly exceeds the seventy-eight column limit"
 SUBJECTS = [
     "Hello",
@@ -586,6 +593,33 @@ BODIES: list[dict[str, Any]] = [
             Attachment.from_bytes("résumé très long nom de fichier " * 3 + ".txt", b"hi"),
         ],
     },
+    {
+        "text": "See the logo",
+        "html": '<p><img src="cid:logo@example.com"> Grüße</p>',
+        "alternatives": [
+            Alternative(content_type="text/x-amp-html", content="<html ⚡4email>amp</html>"),
+            Alternative(
+                content_type="text/calendar",
+                content="BEGIN:VCALENDAR\r\nEND:VCALENDAR\r\n",
+                params={"method": "REQUEST"},
+                after_html=True,
+            ),
+        ],
+        "attachments": [
+            Attachment.from_bytes(
+                "logo.png",
+                PNG,
+                content_type="image/png",
+                content_id="logo@example.com",
+                inline=True,
+            ),
+            Attachment.from_bytes(
+                None, b"GIF89a", content_type="image/gif", content_id="g", inline=True
+            ),
+            Attachment.from_bytes("invoice.pdf", b"%PDF-1.4", content_type="application/pdf"),
+        ],
+    },
+    {"text": None, "html": '<img src="cid:only">', "attachments": [INLINE_ONLY]},
 ]
 EXTRAS: list[dict[str, Any]] = [
     {},
@@ -641,3 +675,403 @@ def test_headers_folded_at_78_columns_when_possible() -> None:
     )
     for line in _header_block(rendered.data).split(b"\r\n"):
         assert len(line) <= mime.FOLD_COLUMNS, line
+
+
+# --------------------------------------------------------------------------- inline parts
+
+
+def tree(part: email.message.EmailMessage) -> Any:
+    """The MIME tree as nested ``(content type, [children])`` / content type strings."""
+    if part.is_multipart():
+        return (part.get_content_type(), [tree(child) for child in part.iter_parts()])
+    return part.get_content_type()
+
+
+def leaves(msg: email.message.EmailMessage) -> list[email.message.EmailMessage]:
+    return [p for p in msg.walk() if not p.is_multipart()]
+
+
+def logo(**overrides: Any) -> Attachment:
+    fields: dict[str, Any] = {"content_type": "image/png", "content_id": "logo@example.com"}
+    fields.update(inline=True, **overrides)
+    return Attachment.from_bytes(fields.pop("filename", None), PNG, **fields)
+
+
+INVITE = "BEGIN:VCALENDAR\r\nMETHOD:REQUEST\r\nEND:VCALENDAR\r\n"
+
+
+def test_inline_image_goes_into_related_inside_alternative_inside_mixed() -> None:
+    html = '<p>Hi <img src="cid:logo@example.com"></p>'
+    rendered = render_message(
+        spec(
+            text="Hi",
+            html=html,
+            attachments=[
+                Attachment.from_bytes("a.pdf", b"%PDF", content_type="application/pdf"),
+                logo(),
+            ],
+        )
+    )
+    assert_wire_format(rendered.data)
+    msg = parse(rendered.data)
+    assert tree(msg) == (
+        "multipart/mixed",
+        [
+            (
+                "multipart/alternative",
+                ["text/plain", ("multipart/related", ["text/html", "image/png"])],
+            ),
+            "application/pdf",
+        ],
+    )
+    related = next(p for p in msg.walk() if p.get_content_type() == "multipart/related")
+    assert related.get_param("type") == "text/html"
+    html_part, image = related.iter_parts()
+    assert html_part.get_content() == html + "\r\n"
+    assert image["Content-ID"] == "<logo@example.com>"
+    assert image.get_content_disposition() == "inline"
+    assert image.get_filename() is None
+    assert image.get_content() == PNG
+    (pdf,) = msg.iter_attachments()
+    assert pdf.get_filename() == "a.pdf" and pdf["Content-ID"] is None
+    assert pdf.get_content_disposition() == "attachment"
+
+
+def test_inline_image_with_filename_and_html_only_body() -> None:
+    rendered = render_message(
+        spec(
+            text=None, html='<img src="cid:logo@example.com">', attachments=[logo(filename="l.png")]
+        )
+    )
+    msg = parse(rendered.data)
+    assert tree(msg) == ("multipart/related", ["text/html", "image/png"])
+    image = leaves(msg)[1]
+    assert image.get_filename() == "l.png" and image.get_content_disposition() == "inline"
+    assert image["Content-ID"] == "<logo@example.com>"
+
+
+def test_without_html_an_inline_part_stays_in_mixed_and_a_cid_attachment_keeps_its_id() -> None:
+    rendered = render_message(
+        spec(
+            text="no html",
+            attachments=[
+                logo(),
+                Attachment.from_bytes("x.bin", b"x", content_id="<x@example.com>"),
+            ],
+        )
+    )
+    msg = parse(rendered.data)
+    assert tree(msg) == ("multipart/mixed", ["text/plain", "image/png", "application/octet-stream"])
+    _, image, other = leaves(msg)
+    assert (image.get_content_disposition(), image["Content-ID"]) == (
+        "inline",
+        "<logo@example.com>",
+    )
+    assert (other.get_content_disposition(), other["Content-ID"]) == (
+        "attachment",
+        "<x@example.com>",
+    )
+
+
+def test_plain_messages_keep_the_fast_structure() -> None:
+    layout = mime.Layout.build(has_text=True, has_html=True)
+    assert not layout.related_parts and not layout.before_html and not layout.after_html
+    msg = parse(render_message(spec(html="<p>x</p>")).data)
+    assert tree(msg) == ("multipart/alternative", ["text/plain", "text/html"])
+
+
+# --------------------------------------------------------------------------- alternatives
+
+
+def test_extra_alternatives_keep_their_order_and_html_stays_last() -> None:
+    rendered = render_message(
+        spec(
+            text="plain",
+            html="<p>html</p>",
+            alternatives=[
+                {"content_type": "text/x-amp-html", "content": "<html amp4email></html>"},
+                {"content_type": "text/enriched", "content": "<bold>rich</bold>"},
+            ],
+        )
+    )
+    msg = parse(rendered.data)
+    assert tree(msg) == (
+        "multipart/alternative",
+        ["text/plain", "text/x-amp-html", "text/enriched", "text/html"],
+    )
+    assert [p.get_content() for p in leaves(msg)] == [
+        "plain\r\n",
+        "<html amp4email></html>\r\n",
+        "<bold>rich</bold>\r\n",
+        "<p>html</p>\r\n",
+    ]
+
+
+def test_calendar_invite_after_html_with_method_and_inline_image() -> None:
+    rendered = render_message(
+        spec(
+            text="Invite",
+            html='<img src="cid:logo@example.com">',
+            alternatives=[
+                Alternative(
+                    content_type="text/calendar",
+                    content=INVITE,
+                    params={"method": "REQUEST", "name": "invite file.ics"},
+                    after_html=True,
+                )
+            ],
+            attachments=[logo()],
+        )
+    )
+    assert_wire_format(rendered.data)
+    msg = parse(rendered.data)
+    assert tree(msg) == (
+        "multipart/alternative",
+        ["text/plain", ("multipart/related", ["text/html", "image/png"]), "text/calendar"],
+    )
+    calendar = leaves(msg)[-1]
+    assert calendar.get_param("method") == "REQUEST"
+    assert calendar.get_param("name") == "invite file.ics"
+    assert calendar.get_content_charset() == "utf-8"
+    assert calendar.get_content() == INVITE
+
+
+def test_alternatives_without_html_follow_the_given_order() -> None:
+    msg = parse(
+        render_message(
+            spec(
+                alternatives=[
+                    Alternative(content_type="text/calendar", content=INVITE, after_html=True),
+                    Alternative(content_type="text/enriched", content="x"),
+                ]
+            )
+        ).data
+    )
+    assert tree(msg) == ("multipart/alternative", ["text/plain", "text/calendar", "text/enriched"])
+
+
+def test_long_content_type_parameters_are_folded() -> None:
+    line = mime.text_content_type("text/calendar", [("method", "REQUEST"), ("x-long", "v" * 70)])
+    assert all(len(part) <= mime.FOLD_COLUMNS for part in line.split(b"\r\n"))
+    msg = parse(b"MIME-Version: 1.0\r\n" + line + b"\r\nx\r\n")
+    assert msg.get_param("x-long") == "v" * 70 and msg.get_param("method") == "REQUEST"
+
+
+def test_boundary_collisions_with_fixed_parts_are_avoided(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first boundaries drawn are known, and both a fixed alternative and a per-message
+    # text body contain them: fresh ones are drawn and every part is re-delimited.
+    drawn = iter([b"=_mixed", b"=_related", b"=_alt"])
+    real = mime.new_boundary
+    monkeypatch.setattr(mime, "new_boundary", lambda: next(drawn, None) or real())
+    layout = mime.Layout.build(
+        has_text=True,
+        has_html=True,
+        attachments=[
+            mime.MimeAttachment("a.bin", "application/octet-stream", b"file"),
+            mime.MimeAttachment(None, "image/png", PNG, "logo", True),
+        ],
+        alternatives=[mime.TextAlternative("text/calendar", "--=_alt\n--=_related--\n")],
+    )
+    assert layout.alt_boundary != b"=_alt" and layout.related_boundary != b"=_related"
+    evil = f"--{layout.related_boundary.decode()}\n--{layout.mixed_boundary.decode()}--\n"
+    content = layout.assemble(evil, "<p>ok</p>")
+    msg = parse(b"MIME-Version: 1.0\r\n" + content)
+    assert [p.get_content() for p in leaves(msg)] == [
+        normalized_body(evil),
+        "--=_alt\r\n--=_related--\r\n",
+        "<p>ok</p>\r\n",
+        PNG,
+        b"file",
+    ]
+
+
+# --------------------------------------------------------------------------- new fields
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("<logo@example.com>", "logo@example.com"),
+        ("logo@example.com", "logo@example.com"),
+        ("image001.png@01D9A1B2.C3D4E5F0", "image001.png@01D9A1B2.C3D4E5F0"),
+        ("<part1>", "part1"),
+        ("a@[127.0.0.1]", "a@[127.0.0.1]"),
+    ],
+)
+def test_content_id_is_stored_without_angle_brackets(given: str, stored: str) -> None:
+    attachment = Attachment.from_bytes(None, b"x", content_id=given, inline=True)
+    assert attachment.content_id == stored
+    msg = parse(render_message(spec(html="<p>x</p>", attachments=[attachment])).data)
+    assert leaves(msg)[-1]["Content-ID"] == f"<{stored}>"
+
+
+@pytest.mark.parametrize(
+    ("content_id", "fragment"),
+    [
+        ("logo\r\nBcc: x@example.com", "CR or LF"),
+        ("a\nb", "CR or LF"),
+        ("two words@example.com", "message id"),
+        ("<<a@b>>", "message id"),
+        ("<a@b", "message id"),
+        ("a@b@c", "message id"),
+        ("", "message id"),
+        ("<>", "message id"),
+        ("a..b@c", "message id"),
+        ("ü@example.com", "message id"),
+        ("x" * 251, "message id"),
+    ],
+)
+def test_invalid_content_id_names_the_field(content_id: str, fragment: str) -> None:
+    attachment = {"content_b64": "YQ==", "content_id": content_id, "inline": True}
+    refused("attachments[0].content_id", fragment, attachments=[attachment])
+
+
+def test_filename_is_required_unless_inline() -> None:
+    refused("attachments[0].filename", "is required", attachments=[{"content_b64": "YQ=="}])
+    refused(
+        "attachments[0].filename",
+        "is required",
+        attachments=[{"content_b64": "YQ==", "content_id": "a@b"}],
+    )
+    assert Attachment.model_validate({"content_b64": "YQ==", "inline": True}).filename is None
+
+
+def test_a_content_id_is_used_once_per_message() -> None:
+    refused(
+        "attachments[2].content_id",
+        "already the Content-ID of attachments[0]",
+        html="<p>x</p>",
+        attachments=[logo(), Attachment.from_bytes("a.txt", b"a"), logo()],
+    )
+
+
+@pytest.mark.parametrize(
+    ("alternative", "field", "fragment"),
+    [
+        ({"content_type": "multipart/mixed", "content": "x"}, "content_type", "multipart/*"),
+        ({"content_type": "message/rfc822", "content": "x"}, "content_type", "message/*"),
+        ({"content_type": "application/ics", "content": "x"}, "content_type", "only text/*"),
+        ({"content_type": "text/html", "content": "x"}, "content_type", "html field"),
+        ({"content_type": "text/plain", "content": "x"}, "content_type", "text field"),
+        ({"content_type": "text/calendar; method=X", "content": "x"}, "content_type", "type/sub"),
+        ({"content_type": "text/calendar"}, "content", "is required"),
+        (
+            {"content_type": "text/calendar", "content": "x", "params": {"charset": "latin-1"}},
+            "params.charset",
+            "always utf-8",
+        ),
+        (
+            {"content_type": "text/calendar", "content": "x", "params": {"method": 'a"b'}},
+            "params.method",
+            "printable ASCII",
+        ),
+        (
+            {"content_type": "text/calendar", "content": "x", "params": {"method": "a\r\nb"}},
+            "params.method",
+            "CR or LF",
+        ),
+        (
+            {"content_type": "text/calendar", "content": "x", "params": {"a b": "c"}},
+            "params.a b",
+            "parameter names",
+        ),
+        ({"content_type": "text/calendar", "content": "a\udc00"}, "content", "lone surrogate"),
+    ],
+)
+def test_invalid_alternatives_name_the_field(
+    alternative: dict[str, Any], field: str, fragment: str
+) -> None:
+    ok = {"content_type": "text/enriched", "content": "x"}
+    refused(f"alternatives[1].{field}", fragment, alternatives=[ok, alternative])
+
+
+def test_the_same_alternative_type_twice_is_ambiguous() -> None:
+    twice = [{"content_type": "text/calendar", "content": "a"}] * 2
+    refused("alternatives[1].content_type", "ambiguous", alternatives=twice)
+
+
+def test_size_limit_counts_inline_parts_and_alternatives() -> None:
+    with pytest.raises(ValidationError) as info:
+        render_message(spec(html="<p>x</p>", attachments=[logo()]), max_bytes=1000)
+    assert info.value.field == "attachments[0]" and "'<logo@example.com>'" in info.value.problem
+    big = Alternative(content_type="text/calendar", content="x" * 3000)
+    with pytest.raises(ValidationError) as info:
+        render_message(spec(alternatives=[big]), max_bytes=2000)
+    assert info.value.field == "alternatives[0]"
+    # Each part fits, the message does not.
+    with pytest.raises(ValidationError) as info:
+        render_message(
+            spec(alternatives=[Alternative(content_type="text/calendar", content="y" * 1500)]),
+            max_bytes=1600,
+        )
+    assert info.value.field == "message"
+
+
+def test_new_fields_round_trip_through_json() -> None:
+    original = spec(
+        html='<img src="cid:logo@example.com">',
+        alternatives=[
+            Alternative(
+                content_type="Text/Calendar",
+                content=INVITE,
+                params={"method": "REQUEST"},
+                after_html=True,
+            )
+        ],
+        attachments=[logo(), Attachment.from_bytes("a.pdf", b"%PDF", content_id="<pdf@x>")],
+    )
+    dumped = original.model_dump(mode="json", by_alias=True)
+    assert dumped["attachments"][0] == {
+        "filename": None,
+        "content_type": "image/png",
+        "content_b64": logo().content_b64,
+        "content_id": "logo@example.com",
+        "inline": True,
+    }
+    assert dumped["attachments"][1]["content_id"] == "pdf@x"
+    assert dumped["alternatives"] == [
+        {
+            "content_type": "Text/Calendar",
+            "content": INVITE,
+            "params": {"method": "REQUEST"},
+            "after_html": True,
+        }
+    ]
+    rebuilt = MessageSpec.model_validate(json.loads(json.dumps(dumped)))
+    assert rebuilt == original
+    assert rebuilt.attachments[0].content == PNG
+    assert MessageSpec.model_validate_json(original.model_dump_json(by_alias=True)) == original
+    a, b = (render_message(m, message_id="same").data for m in (original, rebuilt))
+    assert summary(a) == summary(b)
+
+
+def test_unused_new_fields_stay_out_of_the_json() -> None:
+    """A message without the new features dumps as before (older workers can read it)."""
+    dumped = spec(attachments=[Attachment.from_bytes("a.txt", b"a")]).model_dump(
+        mode="json", by_alias=True
+    )
+    assert "alternatives" not in dumped
+    assert set(dumped["attachments"][0]) == {"filename", "content_type", "content_b64"}
+
+
+def test_campaign_with_an_inline_image() -> None:
+    template = CampaignTemplate(
+        from_="news@example.com",
+        subject="Hi {{ name }}",
+        text="Hi {{ name }}",
+        html='<p>Hi {{ name }} <img src="cid:logo@example.com"></p>',
+        attachments=[logo()],
+    )
+    again = CampaignTemplate.from_dict(json.loads(json.dumps(template.to_dict())))
+    for campaign in (template, again):
+        msg = parse(campaign.render("r@example.com", {"name": "Ann"}).data)
+        assert tree(msg) == (
+            "multipart/alternative",
+            ["text/plain", ("multipart/related", ["text/html", "image/png"])],
+        )
+        assert leaves(msg)[-1].get_content() == PNG
+    with pytest.raises(ValidationError) as info:
+        CampaignTemplate(
+            from_="news@example.com", subject="s", html="x", attachments=[logo(), logo()]
+        )
+    assert info.value.field == "template.attachments[1].content_id"

@@ -17,7 +17,14 @@ from markupsafe import escape
 
 from ses_tasks import mime
 from ses_tasks.errors import ValidationError
-from ses_tasks.message.spec import CampaignTemplate, MessageSpec, RenderedMessage, render_message
+from ses_tasks.message.spec import (
+    Alternative,
+    Attachment,
+    CampaignTemplate,
+    MessageSpec,
+    RenderedMessage,
+    render_message,
+)
 
 # Derandomized and without an example database so runs are repeatable and the tree stays
 # clean; 4,000 random examples per property were also run while developing.
@@ -193,3 +200,97 @@ def test_any_template_source_compiles_or_is_refused(source: str) -> None:
     except ValidationError:
         return
     render_or_refuse(lambda: template.render("r@example.com", {}))
+
+
+# Content-IDs: mostly id-like text, sometimes bracketed, sometimes anything at all.
+ID_CHARS = st.characters(codec="ascii", exclude_characters="\x00")
+CONTENT_IDS = st.one_of(
+    ANY_TEXT,
+    st.text(ID_CHARS, min_size=1, max_size=60),
+    st.builds(lambda s: f"<{s}>", st.text(ID_CHARS, max_size=60)),
+    st.from_regex(r"[a-z0-9.]{1,20}@[a-z0-9.\-\[\]]{1,20}", fullmatch=True),
+)
+
+
+@PROPERTY_SETTINGS
+@given(content_id=CONTENT_IDS, content=st.binary(max_size=300), filename=st.none() | ANY_TEXT)
+def test_any_inline_part(content_id: str, content: bytes, filename: str | None) -> None:
+    """Any Content-ID is refused or arrives as ``<id>`` on an intact inline part."""
+    try:
+        attachment = Attachment.from_bytes(
+            filename, content, content_type="image/png", content_id=content_id, inline=True
+        )
+    except ValidationError:
+        return
+    stored = attachment.content_id
+    assert stored is not None and "<" not in stored and ">" not in stored
+    assert stored == content_id.removeprefix("<").removesuffix(">")
+    rebuilt = Attachment.model_validate(attachment.model_dump(mode="json", by_alias=True))
+    assert rebuilt == attachment
+    rendered = render_or_refuse(
+        lambda: render_message(
+            MessageSpec(
+                from_="a@example.com",
+                to=["b@example.com"],
+                subject="s",
+                text="t",
+                html=f'<img src="cid:{stored}">',
+                attachments=[rebuilt],
+            )
+        )
+    )
+    if rendered is None:
+        return
+    msg = parse(rendered.data)
+    related = next(p for p in msg.walk() if p.get_content_type() == "multipart/related")
+    _html, image = related.iter_parts()
+    assert image["Content-ID"] == f"<{stored}>"
+    assert image.get_payload(decode=True) == content
+    # get_filename() strips blanks at either end (the header keeps them).
+    assert image.get_filename() == (filename and filename.strip())
+    assert image.get_content_disposition() == "inline"
+
+
+PARAM_VALUES = st.text(st.characters(codec="ascii"), max_size=40)
+
+
+@PROPERTY_SETTINGS
+@given(
+    content=WIDE_TEXT,
+    method=PARAM_VALUES,
+    after_html=st.booleans(),
+    html=st.none() | st.just("<p>h</p>"),
+)
+def test_any_alternative(content: str, method: str, after_html: bool, html: str | None) -> None:
+    """Any calendar alternative is refused or arrives intact, in its place, after JSON."""
+    try:
+        spec = MessageSpec(
+            from_="a@example.com",
+            to=["b@example.com"],
+            subject="s",
+            text="t",
+            html=html,
+            alternatives=[
+                Alternative(
+                    content_type="text/calendar",
+                    content=content,
+                    params={"method": method},
+                    after_html=after_html,
+                )
+            ],
+        )
+    except ValidationError:
+        return
+    assert MessageSpec.model_validate(spec.model_dump(mode="json", by_alias=True)) == spec
+    rendered = render_or_refuse(lambda: render_message(spec))
+    if rendered is None:
+        return
+    parts = [p for p in parse(rendered.data).walk() if not p.is_multipart()]
+    types = [p.get_content_type() for p in parts]
+    expected = ["text/plain", "text/calendar"]
+    if html is not None:
+        expected.insert(1 if after_html else 2, "text/html")
+    assert types == expected
+    calendar = parts[types.index("text/calendar")]
+    assert calendar.get_content() == crlf(content)
+    assert calendar.get_param("method") == method

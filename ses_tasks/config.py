@@ -186,6 +186,18 @@ class Settings(BaseSettings):
     # Status store
     retention_s: int = Field(default=30 * 86400, ge=60)
     log_json: bool = False
+    # Delivery events (ses_tasks.events, docs/events.md)
+    #: Comma-separated dotted paths of callables called with each delivery event, in the
+    #: process where it happens (worker: sent/failed/...; feedback: bounced/...).
+    event_hooks: str = ""
+    #: A Celery task name each event is also sent to (``send_task(name, args=[event])``).
+    event_task: str | None = None
+    #: The queue of EVENT_TASK (default: Celery's default queue, ``celery``).
+    event_task_queue: str | None = None
+    #: The broker EVENT_TASK is published to (default: BROKER_URL, without our key prefix).
+    event_broker_url: str | None = None
+    #: Events waiting for the hooks per process; past this they are dropped and counted.
+    event_queue_size: int = Field(default=10_000, ge=1, le=1_000_000)
 
     @model_validator(mode="before")
     @classmethod
@@ -261,7 +273,9 @@ class Settings(BaseSettings):
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
-            if name in ("broker_url", "redis_url", "result_backend") and isinstance(value, str):
+            if name in ("broker_url", "redis_url", "result_backend", "event_broker_url") and (
+                isinstance(value, str)
+            ):
                 yield name, redact_url(value)
             else:
                 yield name, value

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from ses_tasks import events as delivery_events
 from ses_tasks.errors import CampaignError, ValidationError
 from ses_tasks.feedback.events import Bounce, Complaint, DeliveryDelay, EventKind, Reject, SesEvent
 from ses_tasks.feedback.settings import FeedbackSettings
@@ -143,13 +144,18 @@ class FeedbackApplier:
         settings: FeedbackSettings | None = None,
         store: StatusStore | None = None,
         suppression: SuppressionList | None = None,
+        events: delivery_events.EventDispatcher | None = None,
     ) -> None:
+        """``events``: where the delivery events of applied feedback go (``bounced`` ...);
+        default: this process's dispatcher (``SES_TASKS_EVENT_HOOKS``, ``ses_tasks.events``)."""
         self.redis = client
         self.keys = Keys(key_prefix)
         self.settings = settings or FeedbackSettings()
         self.store = store or StatusStore(client, key_prefix=key_prefix)
         self.suppression = suppression or SuppressionList(client, key_prefix=key_prefix)
         self._record = client.register_script(RECORD_LUA)
+        self._events = events
+        self._metadata = delivery_events.MetadataLookup(client, self.keys)
 
     def apply(self, event: SesEvent) -> ApplyResult:
         result = self._apply(event)
@@ -197,7 +203,19 @@ class FeedbackApplier:
         if event.kind in (EventKind.BOUNCE, EventKind.COMPLAINT):
             sent, hard, complained = (int(_text(v)) for v in raw[1:4])
             paused = self._maybe_pause(campaign_id, sent, hard, complained, state=_text(raw[4]))
+        self._emit(event, message_id, suppressed)
         return ApplyResult("applied", ses_id, message_id, campaign_id, suppressed, paused)
+
+    def _emit(self, event: SesEvent, message_id: str, suppressed: tuple[str, ...]) -> None:
+        """The delivery event of newly applied feedback (never of a duplicate): queued for
+        the hooks, so an application learns of the bounce once however often SNS sends it."""
+        try:
+            events = self._events or delivery_events.dispatcher()
+            delivery_events.feedback_event(
+                events, event, message_id=message_id, suppressed=suppressed, lookup=self._metadata
+            )
+        except Exception:  # the feedback is recorded; an event must not undo that
+            log.exception("delivery event of %s for %s not queued", event.kind, message_id)
 
     @staticmethod
     def _record_args(event: SesEvent) -> list[str]:

@@ -8,6 +8,10 @@
 ``send_messages`` returns how many messages were enqueued, not delivered: delivery happens
 in the workers, and each message's handle is left on it as ``message.ses_tasks_result``
 (a Celery ``AsyncResult`` whose id is the message id).
+
+Delivery events (sent, bounced, complained ...) arrive as Django signals
+(``ses_tasks.integrations.django.signals``) with the hook ``send_signals`` in
+``SES_TASKS_EVENT_HOOKS``; see ``docs/events.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ses_tasks.errors import SesTasksError, ValidationError
 from ses_tasks.message.spec import Alternative, Attachment
 from ses_tasks.produce.client import SesTasks
 
-__all__ = ["EmailBackend", "message_fields"]
+__all__ = ["EmailBackend", "message_fields", "send_signals", "signals"]
 
 DEFAULT_ATTACHMENT_TYPE = "application/octet-stream"
 #: Headers Django lets callers override that ses-tasks writes itself; dropped silently.
@@ -311,3 +315,82 @@ def _explained(exc: ValidationError, message: EmailMessage) -> ValidationError:
             "domain verified in SES",
         )
     return exc
+
+
+# Delivery events as Django signals --------------------------------------------------------
+#
+# SES_TASKS_EVENT_HOOKS=ses_tasks.integrations.django.send_signals (in the web process that
+# receives SES feedback and in the workers, with DJANGO_SETTINGS_MODULE set: the worker sets
+# Django up before importing the hooks, so receivers connected in AppConfig.ready() are
+# there). Each event is sent on its type's signal, then on ``delivery_event``:
+#
+#     from ses_tasks.integrations.django import signals
+#
+#     @receiver(signals.bounced)
+#     def on_bounce(sender, event, **kwargs):
+#         Subscriber.objects.filter(pk=event["metadata"].get("subscriber_id")).update(
+#             bounced=True)
+
+
+class _Signals:
+    """One ``django.dispatch.Signal`` per event type (``signals.bounced`` ...) and the
+    catch-all ``signals.delivery_event``; receivers get ``sender`` (the ``EmailBackend``
+    class) and ``event`` (the event dict, see ``ses_tasks.events``)."""
+
+    def __init__(self) -> None:
+        from django.dispatch import Signal
+
+        from ses_tasks.events import EVENT_TYPES
+
+        self.types = EVENT_TYPES
+        self.sent = Signal()
+        self.failed = Signal()
+        self.unknown = Signal()
+        self.suppressed = Signal()
+        self.delivered = Signal()
+        self.bounced = Signal()
+        self.complained = Signal()
+        self.delayed = Signal()
+        self.rejected = Signal()
+        self.delivery_event = Signal()
+
+    def __iter__(self) -> Any:
+        return iter((*self.types, "delivery_event"))
+
+
+signals = _Signals()
+
+
+def send_signals(event: dict[str, Any]) -> None:
+    """The event hook that sends ``event`` on ``signals.<type>`` and ``delivery_event``.
+
+    Every receiver runs even if one raises; the first error is raised afterwards, so the
+    hook failure is logged and counted (``ses_tasks_event_hook_failures_total``). Database
+    connections past their age are closed around it, as Django does around a request.
+    """
+    from django.db import close_old_connections
+
+    errors: list[Exception] = []
+    with_db = django_settings.configured
+    if with_db:
+        close_old_connections()
+    try:
+        for name in (str(event.get("type")), "delivery_event"):
+            signal = getattr(signals, name, None) if name in signals else None
+            if signal is None:
+                continue
+            for receiver, result in signal.send_robust(sender=EmailBackend, event=event):
+                if isinstance(result, Exception):
+                    log.error(
+                        "signal %s receiver %r failed on %s: %r",
+                        name,
+                        receiver,
+                        event.get("message_id"),
+                        result,
+                    )
+                    errors.append(result)
+    finally:
+        if with_db:
+            close_old_connections()
+    if errors:
+        raise errors[0]

@@ -45,6 +45,8 @@ __all__ = [
     "MULTIPROC_DIR_ENV",
     "PrometheusObserver",
     "enabled",
+    "event_dropped",
+    "event_hook_failed",
     "feedback_refused",
     "make_registry",
     "prepare_multiprocess_dir",
@@ -448,3 +450,31 @@ def feedback_event(event_type: str, status: str) -> None:
     )
     if counter is not None and event_type in FEEDBACK_EVENT_TYPES:
         counter.labels(type=event_type, status=status).inc()
+
+
+# --------------------------------------------------------------------------- delivery events
+
+
+def event_hook_failed(hook: str) -> None:
+    """Count one delivery-event hook that raised (``ses_tasks_event_hook_failures_total{hook}``),
+    in whichever process called it: a worker's pool process (summed over processes by the
+    multiprocess collector, like ``PrometheusObserver``'s counters) or a feedback receiver."""
+    counter = _web_counter(
+        "event_hook_failures",
+        "Delivery-event hooks (SES_TASKS_EVENT_HOOKS, the event task) that raised, by hook.",
+        ["hook"],
+    )
+    if counter is not None:
+        counter.labels(hook=hook[:200]).inc()
+
+
+def event_dropped() -> None:
+    """Count one delivery event dropped because the process's event queue was full
+    (``ses_tasks_events_dropped_total``): the hooks are slower than the mail."""
+    counter = _web_counter(
+        "events_dropped",
+        "Delivery events dropped because the hooks fell behind (the event queue was full).",
+        [],
+    )
+    if counter is not None:
+        counter.inc()

@@ -74,6 +74,7 @@ class CampaignProducer:
         resume: bool = False,
         weight: float = 1.0,
         profile: str = "",
+        metadata: str = "",
     ) -> CampaignStatus:
         """Create the campaign and enqueue every recipient; returns the status after enqueue.
 
@@ -102,6 +103,7 @@ class CampaignProducer:
                     "mode": sender.endpoint.mode.value,
                     "weight": repr(weight),
                     **({"profile": profile} if profile else {}),
+                    **({"metadata": metadata} if metadata else {}),  # JSON, for events
                 },
             )
             published = counted = 0

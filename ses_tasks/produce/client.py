@@ -24,6 +24,7 @@ from celery.result import AsyncResult
 
 from ses_tasks.config import Settings, load_settings
 from ses_tasks.errors import ConfigurationError, ValidationError
+from ses_tasks.events import check_metadata, encode_metadata
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.ratelimit import Priority
 from ses_tasks.message.spec import CampaignTemplate, MessageSpec, render_message
@@ -121,16 +122,21 @@ class SesTasks:
         render_message(spec, max_bytes=self.settings.max_message_bytes)
         return spec
 
-    def send_email(self, *, profile: str = "", **fields: Any) -> MessageResult:
+    def send_email(
+        self, *, profile: str = "", metadata: dict[str, Any] | None = None, **fields: Any
+    ) -> MessageResult:
         """Validate and enqueue one message on the transactional queue.
 
         ``profile`` names the sender profile (SES account, region) that sends it.
+        ``metadata``: a small JSON object (at most 2 KiB) kept in the message's record and
+        given back in its delivery events (``ses_tasks.events``), never put in the email.
 
         The message and its ledger entry are recorded first, then published. With the same
         ``idempotency_key`` a message still waiting is published again (a copy is harmless:
         claims are idempotent) and one already handled is not. Once this returns, a failed
         publish is no loss: the fleet's sweeper publishes the entry.
         """
+        metadata = check_metadata(metadata)  # kept in the record, never in the email
         spec = self.build_message(profile=profile, **fields)
         message_id = transactional_message_id(spec.idempotency_key)
         first = (spec.to or spec.cc or spec.bcc)[0]
@@ -139,6 +145,9 @@ class SesTasks:
         )
         job = BatchJob(TRANSACTIONAL, (item,), message_id, Priority.TRANSACTIONAL, profile)
         new, state, in_ledger = self.store.enqueue_one(message_id, first, job.payload())
+        if metadata and new:  # before the publish: the worker's events read it
+            key = self.store.keys.message(message_id)
+            self.redis.hset(key, "metadata", encode_metadata(metadata))
         if new or (state is MessageState.QUEUED and in_ledger):
             try:
                 publish_job(self.app, self.settings.endpoint.mode, job)
@@ -171,6 +180,7 @@ class SesTasks:
         resume: bool = False,
         weight: float = 1.0,
         profile: str = "",
+        metadata: dict[str, Any] | None = None,
         **options: Any,
     ) -> CampaignStatus:
         """Validate the template, then store ``recipients`` in batches for the dispatcher.
@@ -179,7 +189,9 @@ class SesTasks:
         and recipients), without sending anything twice. ``weight`` sets the campaign's
         share of the rate against other running campaigns of its profile (default 1: equal
         shares); ``profile`` names the sender profile (default: the unnamed one).
+        ``metadata`` (as for ``send_email``) belongs to every message of the campaign.
         """
+        metadata = check_metadata(metadata)  # every message's; never in the emails
         options.setdefault("configuration_set", self.sender(profile).configuration_set)
         template = CampaignTemplate(
             from_=from_,
@@ -197,6 +209,7 @@ class SesTasks:
             resume=resume,
             weight=weight,
             profile=profile,
+            metadata=encode_metadata(metadata) if metadata else "",
         )
         # The fleet's dispatcher hands batches to a bulk queue of either port mode.
         self._consumers.check(*(bulk_queue(m) for m in PortMode), hint="campaign stored")

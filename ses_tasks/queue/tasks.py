@@ -29,10 +29,11 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from ses_tasks import events
 from ses_tasks.errors import ConfigurationError
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.ratelimit import Priority
-from ses_tasks.ops import logs, metrics
+from ses_tasks.ops import logs, metrics, observe
 from ses_tasks.queue.app import BATCH_TASK, MESSAGE_TASK, app, bulk_queue
 from ses_tasks.queue.publish import publish_job
 from ses_tasks.smtp.endpoint import PortMode
@@ -86,11 +87,28 @@ def _warm_up(**_: Any) -> None:
     runtime.start_fleet_loops(lambda job: _publish(runtime, job, 0.0))
     if metrics.enabled():
         metrics.setup_worker_process(runtime)
+    _setup_events(runtime)
+
+
+def _setup_events(runtime: WorkerRuntime) -> None:
+    """Delivery events of this pool process: SES_TASKS_EVENT_HOOKS / EVENT_TASK, called
+    from the process's event thread (``ses_tasks.events``) after outcomes are recorded."""
+    try:
+        dispatcher = events.configure(runtime.settings)
+    except ConfigurationError as exc:  # `ses-tasks worker` refused to start already
+        log.error("delivery events are off in this process: %s", exc)
+        return
+    stale = [o for o in observe.observers if isinstance(o, events.EventObserver)]
+    for observer in stale:  # one observer per process, even if init ran again
+        observe.observers.remove(observer)
+    if dispatcher.active:
+        observe.register(events.EventObserver(dispatcher))
 
 
 @worker_process_shutdown.connect
 def _close(**_: Any) -> None:
     metrics.shutdown_worker_process()
+    events.shutdown(timeout_s=5.0)
     shutdown_runtime()
 
 

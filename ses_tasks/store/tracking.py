@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -197,6 +197,8 @@ class MessageRecord:
     updated_at: float | None = None
     recovered: bool = False
     row: Any = None
+    #: What the sender attached (``send_email(metadata=...)``, or its campaign's); {} if none.
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,6 +212,7 @@ class MessageRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "recovered": self.recovered,
+            "metadata": self.metadata,
         }
 
 
@@ -271,7 +274,19 @@ def parse_message(message_id: str, raw: dict[Any, Any]) -> MessageRecord | None:
         updated_at=_ms_to_s(data.get("updated_at")),
         recovered=data.get("recovered") == "1",
         row=json.loads(row) if row else None,
+        metadata=_metadata(data.get("metadata")),
     )
+
+
+def _metadata(raw: Any) -> dict[str, Any]:
+    """A stored ``metadata`` field (JSON object); {} when absent."""
+    if raw in (None, b"", ""):
+        return {}
+    try:
+        value = json.loads(_text(raw))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 _META_FIELDS = ("from", "subject", "mode", "pause_kind", "deferred_reason", "weight", "profile")
@@ -703,7 +718,10 @@ class StatusStore(_Base):
             return None
         record = parse_message(message_id, self.redis.hgetall(key))
         if record is None and self.redis.exists(self.keys.campaign(campaign_of(message_id))):
-            return MessageRecord(message_id=message_id, state=MessageState.QUEUED)
+            record = MessageRecord(message_id=message_id, state=MessageState.QUEUED)
+        if record is not None and not record.metadata and campaign_of(message_id) != TRANSACTIONAL:
+            raw = self.redis.hget(self.keys.campaign(campaign_of(message_id)), "metadata")
+            record = replace(record, metadata=_metadata(raw))  # the campaign's
         return record
 
     def claim(

@@ -39,6 +39,7 @@ from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.limits.quota import QuotaDecision, QuotaUnavailableError
 from ses_tasks.limits.ratelimit import LimiterUnavailableError, Priority, YieldRequested
 from ses_tasks.message.spec import CampaignTemplate, MessageSpec, RenderedMessage, render_message
+from ses_tasks.ops import observe
 from ses_tasks.ops.observe import observers
 from ses_tasks.smtp.replies import SendResult
 from ses_tasks.states import CampaignState, ClaimDecision, MessageState, Outcome
@@ -482,6 +483,7 @@ class _Run:
             budget_s=self.hot_budget_s,
         )
         self.campaign_state = reply.campaign_state
+        observe.claims_recorded(job, reply.claims)
         self.lease_fresh_until = time.monotonic() + self.lease_s
         return await self._sort_claims(reply.claims, rendered, suppressed_of)
 
@@ -587,6 +589,7 @@ class _Run:
         for t in batch:
             self.held.pop(t.message_id, None)
         self._observe_recorded(batch)
+        observe.transitions_recorded(self.job, batch)
         self.campaign_state = state
         self.report.recorded += len(batch)
 
@@ -901,6 +904,7 @@ class _Run:
         self.pending = []
         self.held.clear()
         self._observe_recorded(batch)
+        observe.transitions_recorded(self.job, batch)
         self.report.recorded += len(batch)
         self.campaign_state = state
 

@@ -433,10 +433,23 @@ def test_a_lease_lost_mid_batch_stops_those_messages(server):
         return reply
 
     rt.store.claim = claim_then_lose_one
+    renew = rt.store.renew
+    renewed = asyncio.Event()
+
+    async def renew_and_note(*args: Any, **kwargs: Any) -> Any:
+        reply = await renew(*args, **kwargs)
+        renewed.set()
+        return reply
+
+    rt.store.renew = renew_and_note
     original_send = rt.pool.send
 
     async def slow_send(envelope_from, recipients, data):
-        await asyncio.sleep(0.06)  # the lease keeper renews (every 0.1 s) meanwhile
+        if recipients[0] in ("r3@example.com", "r4@example.com"):
+            # Condition, not timing: the lease keeper (every 0.1 s) has renewed, and so
+            # learned of the takeover, before the chunk holding r5 may start (two chunks
+            # of one are in flight at a time: r3 and r4 hold both places).
+            await asyncio.wait_for(renewed.wait(), timeout=10)
         return await original_send(envelope_from, recipients, data)
 
     rt.pool.send = slow_send

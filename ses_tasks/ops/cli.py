@@ -123,18 +123,20 @@ class SesTasksGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
-            raise  # click prints usage errors and exits 2 (Exit, Abort: as asked)
+            raise  # click reports these itself (usage errors: exit 2)
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
         except OSError as exc:
             if exc.errno == errno.EPIPE:
                 raise  # click ends quietly when stdout's reader went away
-            _unexpected(exc)
+            _handle(exc)
         except Exception as exc:
-            _unexpected(exc)
+            _handle(exc)
 
 
-def _unexpected(exc: Exception) -> NoReturn:
+def _handle(exc: Exception) -> NoReturn:
+    """Exit with the line for an error we expect, or the "unexpected" line (re-raised
+    under SES_TASKS_DEBUG=1, for the traceback)."""
     known = explain(exc)
     if known is not None:
         _fail(*known)

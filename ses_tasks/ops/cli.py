@@ -650,6 +650,14 @@ supervisor_log = logging.getLogger("ses_tasks.ops.supervisor")
     show_default=True,
     help="Run Celery's worker in a child process and restart it if it dies.",
 )
+@click.option(
+    "--django-settings",
+    "django_settings",
+    metavar="MODULE",
+    default=None,
+    help="Load this Django settings module and use its SES_TASKS dict (it wins over the "
+    "environment), so the web app and the workers share one configuration.",
+)
 def worker(
     mode: str | None,
     concurrency: int,
@@ -658,6 +666,7 @@ def worker(
     loglevel: str,
     metrics_port: int | None,
     supervise: bool,
+    django_settings: str | None,
 ) -> None:
     """A Celery worker for one port mode, with safe settings.
 
@@ -668,6 +677,10 @@ def worker(
     configuration error (exit 2) is not restarted.
     """
     loglevel = loglevel.upper()
+    if django_settings:
+        from ses_tasks.integrations.django_settings import export_django_settings
+
+        exported = export_django_settings(django_settings)
     if mode is not None:
         os.environ["SES_TASKS_MODE"] = mode
         if "SES_TASKS_PORT" not in os.environ and not os.environ.get("SES_TASKS_HOST"):
@@ -677,6 +690,8 @@ def worker(
     if metrics_port is not None:
         os.environ["SES_TASKS_METRICS_PORT"] = str(metrics_port)
     logging.getLogger().setLevel(loglevel)
+    if django_settings and supervise:
+        supervisor_log.info("settings from %s: %s", django_settings, ", ".join(exported))
     if supervise:
         argv = [
             sys.executable, "-m", "ses_tasks.ops.cli", "worker", "--no-supervise",
@@ -688,6 +703,8 @@ def worker(
             argv += ["--name", name]
         if metrics_port is not None:
             argv += ["--metrics-port", str(metrics_port)]
+        if django_settings:  # the worker sets Django up too (signal hooks, app imports)
+            argv += ["--django-settings", django_settings]
         sys.exit(_Supervisor(argv).run())
 
     from celery import signals

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from ses_tasks.config import load_settings
-from ses_tasks.errors import SesTasksError
+from ses_tasks.errors import ConfigurationError, SesTasksError, ValidationError
 from ses_tasks.store.connections import sync_redis
 
 __all__ = ["feedback", "suppress_export"]
@@ -37,7 +37,8 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except SesTasksError as exc:
             click.echo(f"ses-tasks: error: {exc}", err=True)
-            sys.exit(2)
+            # The CLI's contract (docs/cli.md): 2 for usage and configuration, 1 otherwise.
+            sys.exit(2 if isinstance(exc, ValidationError | ConfigurationError) else 1)
         except redis.ConnectionError as exc:
             click.echo(
                 f"ses-tasks: error: cannot reach Redis ({exc}); check SES_TASKS_REDIS_URL",
@@ -98,7 +99,8 @@ def serve_command(host: str | None, port: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @user_errors
 def ingest_command(file: str, verify: bool, as_json: bool) -> None:
-    """Apply notifications saved as JSON lines (SNS envelopes or raw SES notifications)."""
+    """Apply notifications saved as JSON lines in FILE (SNS envelopes or raw SES
+    notifications), e.g. exported from an SQS queue or a log."""
     report = _handler().ingest(file, verify=verify)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
@@ -116,7 +118,8 @@ def ingest_command(file: str, verify: bool, as_json: bool) -> None:
 @click.argument("campaign_id")
 @user_errors
 def status_command(campaign_id: str) -> None:
-    """Feedback counters and bounce/complaint rates of a campaign, as JSON."""
+    """Feedback counters and bounce/complaint rates of CAMPAIGN_ID, as JSON (exit 1 if
+    there is no such campaign)."""
     click.echo(json.dumps(_handler().applier.feedback_status(campaign_id).to_dict()))
 
 

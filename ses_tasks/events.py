@@ -26,6 +26,7 @@ ses-tasks' key prefix; queue ``SES_TASKS_EVENT_TASK_QUEUE``, default Celery's).
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import logging
@@ -87,6 +88,8 @@ EVENT_TYPES = (*WORKER_EVENT_TYPES.values(), *FEEDBACK_EVENT_TYPES)
 DEFAULT_QUEUE_SIZE = 10_000
 #: Campaign metadata cached per process (it never changes once the campaign is created).
 CAMPAIGN_CACHE_SIZE = 256
+#: How long a process that exits waits for its queued events to reach the hooks.
+EXIT_FLUSH_S = 5.0
 #: At most one "queue full" warning this often (each drop is counted).
 DROP_WARNING_INTERVAL_S = 10.0
 
@@ -473,6 +476,8 @@ class EventDispatcher:
                     target=self._run, name="ses-tasks-events", daemon=True
                 )
                 self._thread.start()
+                # A short-lived process (``feedback ingest``) lets its events out first.
+                atexit.register(self.flush, EXIT_FLUSH_S)
 
     # The thread -------------------------------------------------------------------------
 

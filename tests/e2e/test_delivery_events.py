@@ -216,3 +216,99 @@ def test_unknown_hook_stops_the_worker_at_start(make_pipeline, tmp_path: Path, h
     )
     assert done.returncode == 2
     assert "SES_TASKS_EVENT_HOOKS" in done.stderr and hooks in done.stderr
+
+
+def test_events_are_published_to_the_applications_celery_task(
+    make_pipeline, tmp_path: Path, redis_client
+):
+    import os
+    import uuid
+
+    from ..conftest import REDIS_URL
+    from ..event_task_app import TASK_NAME
+
+    events_file = tmp_path / "events.jsonl"
+    queue = f"app-events-{uuid.uuid4().hex[:8]}"
+    pipeline = make_pipeline(
+        "tls",
+        **hook_env(events_file, hooks=""),
+        SES_TASKS_EVENT_TASK=TASK_NAME,
+        SES_TASKS_EVENT_TASK_QUEUE=queue,
+        SES_TASKS_EVENT_BROKER_URL=REDIS_URL,
+    )
+    pipeline.start_worker(concurrency=1, queues="transactional")
+    app_worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.event_task_app",
+            "worker",
+            "--pool",
+            "solo",
+            "--queues",
+            queue,
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+        ],
+        env={
+            **os.environ,
+            **hook_env(events_file),
+            "EVENT_APP_BROKER": REDIS_URL,
+            "EVENT_APP_QUEUE": queue,
+        },
+        cwd=ROOT,
+        stdout=(tmp_path / "app-worker.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        result = pipeline.client.send_email(
+            from_="app@example.com",
+            to=["task@example.com"],
+            subject="Hi",
+            text="Hello",
+            metadata={"user_id": 7},
+        )
+        assert result.get(timeout=60)["state"] == "sent"
+        (event,) = wait_events(events_file, 1, timeout_s=60)
+        assert event["handled_by"] == "celery"
+        assert (event["type"], event["message_id"]) == ("sent", result.message_id)
+        assert event["metadata"] == {"user_id": 7}
+    finally:
+        app_worker.terminate()
+        app_worker.wait(timeout=20)
+        for key in redis_client.scan_iter(match=f"*{queue}*"):
+            redis_client.delete(key)
+
+
+def test_django_receivers_get_worker_events(make_pipeline, tmp_path: Path):
+    """The documented Django set-up: the worker sets Django up (DJANGO_SETTINGS_MODULE)
+    before importing send_signals, so receivers connected in AppConfig.ready() run."""
+    pytest.importorskip("django")
+    events_file = tmp_path / "events.jsonl"
+    pipeline = make_pipeline(
+        "tls",
+        **hook_env(events_file, hooks="ses_tasks.integrations.django.send_signals"),
+        DJANGO_SETTINGS_MODULE="tests.django_events.settings",
+    )
+    pipeline.start_worker(concurrency=1)
+    client = pipeline.client
+    client.suppress(["gone@example.com"])
+    status = client.send_campaign(
+        from_="news@example.com",
+        subject="Hi",
+        text="Hello",
+        recipients=["a@example.com", "gone@example.com"],
+        campaign_id="django-events",
+        metadata={"newsletter": 3},
+    )
+    pipeline.wait_done(status.id)
+    events = wait_events(events_file, 2)
+    assert sorted((e["type"], e["recipient"]) for e in events) == [
+        ("sent", "a@example.com"),
+        ("suppressed", "gone@example.com"),
+    ]
+    assert all(e["via"] == "django-signal" and e["metadata"] == {"newsletter": 3} for e in events)

@@ -89,6 +89,24 @@ class Keys:
         """A list the dispatcher blocks on: a push wakes it (a batch settled, one stored)."""
         return f"{self.prefix}:dispatch-kick"
 
+    def scheduled(self) -> str:
+        """Work waiting for its time (score: due, ms): single messages sent with ``send_at``
+        (member: the message id) and scheduled campaigns' starts (``start:<campaign id>``).
+
+        An index for the scheduler's wake-ups, not the truth: a single message's ledger
+        entry is due at its ``send_at`` too, so the sweeper publishes it if the index
+        entry was never written; a campaign's ``send_at`` is its record's field.
+        """
+        return f"{self.prefix}:scheduled"
+
+    def scheduler_lock(self) -> str:
+        """Held by the one worker process that publishes scheduled work for the fleet."""
+        return f"{self.prefix}:scheduler"
+
+    def schedule_kick(self) -> str:
+        """A list the scheduler blocks on: a push wakes it (something was scheduled)."""
+        return f"{self.prefix}:schedule-kick"
+
     def workers(self) -> str:
         """Live worker processes (``token|batches at once`` -> heartbeat deadline, ms)."""
         return f"{self.prefix}:workers"

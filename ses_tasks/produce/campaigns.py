@@ -74,6 +74,7 @@ class CampaignProducer:
         resume: bool = False,
         weight: float = 1.0,
         profile: str = "",
+        send_at_ms: int | None = None,
         metadata: str = "",
     ) -> CampaignStatus:
         """Create the campaign and enqueue every recipient; returns the status after enqueue.
@@ -81,7 +82,11 @@ class CampaignProducer:
         With ``resume=True`` an interrupted enqueue of ``campaign_id`` (producer killed,
         broker down) continues from where it stopped, given the same template and recipients:
         rows already enqueued are skipped, and the last batch whose fate is unknown is
-        published again (workers skip whatever of it was already sent).
+        published again (workers skip whatever of it was already sent). A resumed enqueue
+        keeps the schedule the campaign was created with.
+
+        ``send_at_ms`` (Unix ms, from ``options.parse_send_at``): everything is stored now,
+        and the dispatcher hands out no batch before then.
         """
         weight = check_weight(weight)
         sender = self._sender(profile)
@@ -91,7 +96,9 @@ class CampaignProducer:
             if campaign_id is None:
                 raise CampaignError("resume needs the campaign id")
             published, counted = self._resume_point(campaign_id, stored)
-            profile = self.store.campaign_status(campaign_id).meta.get("profile", "")
+            created = self.store.campaign_status(campaign_id)
+            profile = created.meta.get("profile", "")
+            send_at_ms = int(created.send_at * 1000) if created.send_at else None
         else:
             campaign_id = campaign_id or new_campaign_id()
             self.store.create_campaign(
@@ -105,9 +112,11 @@ class CampaignProducer:
                     **({"profile": profile} if profile else {}),
                     **({"metadata": metadata} if metadata else {}),  # JSON, for events
                 },
+                send_at_ms=send_at_ms,
             )
             published = counted = 0
         storing = _Storing(self.store, campaign_id, profile, counted, progress)
+        storing.ttl_s = self.store.ttl_for(send_at_ms)
         try:
             storing.run(rows, self.settings.batch_size, published_upto=published)
         except RedisError as exc:
@@ -187,6 +196,8 @@ class _Storing:
         self.counted_upto = counted_upto
         self.progress = progress
         self.last_kick = 0.0
+        #: How long stored batches are kept (longer for a scheduled campaign).
+        self.ttl_s = store.retention_s
 
     def run(self, rows: Iterable[Recipient | RowError], size: int, *, published_upto: int) -> int:
         """Store, count and advance the watermark, a batch at a time.
@@ -232,7 +243,7 @@ class _Storing:
         if batch:
             job = BatchJob(campaign_id, tuple(batch), f"b{batch[0].seq}", profile=self.profile)
             entry = LedgerEntry(job.batch_id, job.payload())
-            store.store_batch(campaign_id, entry, int(batch[0].seq), pipe)
+            store.store_batch(campaign_id, entry, int(batch[0].seq), pipe, ttl_s=self.ttl_s)
         if not bad:
             store.set_enqueued_upto(campaign_id, seq_end, pipe)
         pipe.execute()

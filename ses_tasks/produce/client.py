@@ -5,6 +5,7 @@ ses = SesTasks()                      # settings from SES_TASKS_* environment
 result = ses.send_email(from_="a@example.com", to=["b@example.com"], subject="Hi",
                         text="Hello")
 result.message_id, result.get(timeout=30)   # -> {"state": "sent", "ses_message_id": ...}
+ses.send_email(..., send_at="2025-06-01T09:00:00+02:00", priority="bulk", profile="eu")
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 
 from ses_tasks.config import Settings, load_settings
@@ -30,10 +34,11 @@ from ses_tasks.limits.ratelimit import Priority
 from ses_tasks.message.spec import CampaignTemplate, MessageSpec, render_message
 from ses_tasks.produce.campaigns import CampaignControl, CampaignProducer, ProgressCallback
 from ses_tasks.produce.consumers import ConsumerWatch
+from ses_tasks.produce.options import check_priority, check_profile_name, parse_send_at
 from ses_tasks.queue.app import bulk_queue, create_app, transactional_queue
 from ses_tasks.queue.publish import publish_job
 from ses_tasks.smtp.endpoint import PortMode
-from ses_tasks.states import MessageState
+from ses_tasks.states import FINAL_STATES, MessageState
 from ses_tasks.store.connections import sync_redis
 from ses_tasks.store.suppression import SuppressionList
 from ses_tasks.store.tracking import CampaignStatus, MessageRecord, StatusStore
@@ -53,6 +58,41 @@ class MessageResult(AsyncResult):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return self.message_id
+
+
+class StoredMessageResult(MessageResult):
+    """A message sent at bulk priority: it travels as a batch of the bulk queue, whose
+    task result is the batch's, so ``get()`` reads the message's record in the status store
+    until it is final (same keys as a transactional message's result)."""
+
+    def __init__(self, message_id: str, *, app: Celery, store: StatusStore) -> None:
+        super().__init__(message_id, app=app)
+        self._store = store
+
+    def record(self) -> MessageRecord | None:
+        return self._store.message_status(self.message_id)
+
+    def ready(self) -> bool:
+        record = self.record()
+        return record is not None and record.state in FINAL_STATES
+
+    def get(  # type: ignore[override]
+        self, timeout: float | None = None, interval: float = 0.2, **_: Any
+    ) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.record()
+            if record is not None and record.state in FINAL_STATES:
+                return {
+                    "message_id": self.message_id,
+                    "state": record.state.value,
+                    "ses_message_id": record.ses_message_id,
+                    "code": record.code,
+                    "reason": record.reason,
+                }
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"message {self.message_id} is not final yet")
+            time.sleep(interval)
 
 
 def transactional_message_id(idempotency_key: str | None) -> str:
@@ -123,19 +163,37 @@ class SesTasks:
         return spec
 
     def send_email(
-        self, *, profile: str = "", metadata: dict[str, Any] | None = None, **fields: Any
+        self,
+        *,
+        profile: str = "",
+        priority: Priority | str = Priority.TRANSACTIONAL,
+        send_at: datetime | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        **fields: Any,
     ) -> MessageResult:
-        """Validate and enqueue one message on the transactional queue.
+        """Validate and enqueue one message.
 
         ``profile`` names the sender profile (SES account, region) that sends it.
-        ``metadata``: a small JSON object (at most 2 KiB) kept in the message's record and
-        given back in its delivery events (``ses_tasks.events``), never put in the email.
+        ``priority``: ``"transactional"`` (default: the transactional queue, ahead of all
+        bulk in the rate limiter) or ``"bulk"`` (the bulk queue, under the bulk share of
+        the rate, like campaign mail). ``send_at``: a time zone-aware datetime or an
+        ISO-8601 string with an offset; the message is recorded now (``queued``, its record
+        says ``send_at``) and published by the fleet's scheduler at that time, so it
+        survives worker restarts. A time already past means now; at most
+        ``SES_TASKS_RETENTION_S`` ahead. Each is checked before anything is stored
+        (``ValidationError`` naming it). ``metadata``: a small JSON object (at most 2 KiB)
+        kept in the message's record and given back in its delivery events
+        (``ses_tasks.events``), never put in the email.
 
         The message and its ledger entry are recorded first, then published. With the same
         ``idempotency_key`` a message still waiting is published again (a copy is harmless:
-        claims are idempotent) and one already handled is not. Once this returns, a failed
-        publish is no loss: the fleet's sweeper publishes the entry.
+        claims are idempotent) unless it waits for its ``send_at``, and one already
+        handled is not; the first call's ``send_at``, priority and profile stand. Once this
+        returns, a failed publish is no loss: the fleet's sweeper publishes the entry.
         """
+        lane = check_priority(priority)
+        profile = check_profile_name(profile)
+        send_at_ms = parse_send_at(send_at, retention_s=self.settings.retention_s)
         metadata = check_metadata(metadata)  # kept in the record, never in the email
         spec = self.build_message(profile=profile, **fields)
         message_id = transactional_message_id(spec.idempotency_key)
@@ -143,12 +201,13 @@ class SesTasks:
         item = BatchItem(
             message_id.split(".", 1)[1], first, {}, 0, spec.model_dump(mode="json", by_alias=True)
         )
-        job = BatchJob(TRANSACTIONAL, (item,), message_id, Priority.TRANSACTIONAL, profile)
-        new, state, in_ledger = self.store.enqueue_one(message_id, first, job.payload())
-        if metadata and new:  # before the publish: the worker's events read it
+        job = BatchJob(TRANSACTIONAL, (item,), message_id, lane, profile)
+        done = self.store.enqueue_single(message_id, first, job.payload(), send_at_ms=send_at_ms)
+        if metadata and done.new:  # before the publish: the worker's events read it
             key = self.store.keys.message(message_id)
             self.redis.hset(key, "metadata", encode_metadata(metadata))
-        if new or (state is MessageState.QUEUED and in_ledger):
+        waiting = done.waiting_until_ms is not None
+        if not waiting and (done.new or (done.state is MessageState.QUEUED and done.in_ledger)):
             try:
                 publish_job(self.app, self.settings.endpoint.mode, job)
             except Exception as exc:
@@ -157,12 +216,16 @@ class SesTasks:
                 )
                 with contextlib.suppress(Exception):
                     self.store.mark_due_now(TRANSACTIONAL, [message_id])
+        if done.new or waiting or done.state is MessageState.QUEUED:
             mode = self.settings.endpoint.mode
+            queue = bulk_queue(mode) if lane is Priority.BULK else transactional_queue(mode)
             self._consumers.check(
-                transactional_queue(mode),
+                queue,
                 hint=f"this process sends in {mode.value} mode; start `ses-tasks worker "
                 f"--mode {mode.value}` or align SES_TASKS_MODE/SES_TASKS_PORT",
             )
+        if lane is Priority.BULK:
+            return StoredMessageResult(message_id, app=self.app, store=self.store)
         return MessageResult(message_id, app=self.app)
 
     # Campaigns ---------------------------------------------------------------------------
@@ -180,6 +243,7 @@ class SesTasks:
         resume: bool = False,
         weight: float = 1.0,
         profile: str = "",
+        send_at: datetime | str | None = None,
         metadata: dict[str, Any] | None = None,
         **options: Any,
     ) -> CampaignStatus:
@@ -189,8 +253,14 @@ class SesTasks:
         and recipients), without sending anything twice. ``weight`` sets the campaign's
         share of the rate against other running campaigns of its profile (default 1: equal
         shares); ``profile`` names the sender profile (default: the unnamed one).
-        ``metadata`` (as for ``send_email``) belongs to every message of the campaign.
+        ``send_at`` (as for ``send_email``) schedules the campaign: everything is stored
+        now, and nothing is handed to the workers before then; ``pause``, ``resume`` and
+        ``cancel`` work meanwhile, and ``campaign_status(id).send_at`` shows it. A resumed
+        enqueue keeps the schedule the campaign was created with. ``metadata`` (as for
+        ``send_email``) belongs to every message of the campaign.
         """
+        profile = check_profile_name(profile)
+        send_at_ms = parse_send_at(send_at, retention_s=self.settings.retention_s)
         metadata = check_metadata(metadata)  # every message's; never in the emails
         options.setdefault("configuration_set", self.sender(profile).configuration_set)
         template = CampaignTemplate(
@@ -209,6 +279,7 @@ class SesTasks:
             resume=resume,
             weight=weight,
             profile=profile,
+            send_at_ms=send_at_ms,
             metadata=encode_metadata(metadata) if metadata else "",
         )
         # The fleet's dispatcher hands batches to a bulk queue of either port mode.

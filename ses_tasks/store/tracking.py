@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +35,7 @@ __all__ = [
     "Claim",
     "ClaimReply",
     "DispatchReply",
+    "Enqueued",
     "LedgerEntry",
     "MessageRecord",
     "RenewReply",
@@ -56,6 +58,10 @@ RENEW_LUA = tracking_script("tracking_renew.lua")
 TAKE_DUE_LUA = tracking_script("ledger_take_due.lua")
 DISPATCH_LUA = tracking_script("ledger_dispatch.lua")
 ENQUEUE_ONE_LUA = tracking_script("tracking_enqueue_one.lua")
+TAKE_SCHEDULED_LUA = tracking_script("ledger_take_scheduled.lua")
+SCHEDULE_DUE_LUA = tracking_script("schedule_due.lua")
+#: Prefix of a scheduled campaign's start in the scheduled index (message ids have none).
+START_PREFIX = "start:"
 
 
 def _text(value: Any) -> str:
@@ -175,6 +181,21 @@ class DispatchReply:
     #: The sender profile ('' is the unnamed default).
     profile: str = ""
     taken: list[LedgerEntry] = field(default_factory=list)
+    #: A scheduled campaign: seconds until it may send (0 once it may, or if cancelled).
+    starts_in_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What ``enqueue_single`` did with a single message."""
+
+    #: Recorded now (False: the idempotency key's message was there already).
+    new: bool
+    state: MessageState
+    #: Its ledger entry is still there (so a publish may still be needed).
+    in_ledger: bool
+    #: Unix ms it waits for (``send_at`` still ahead), else None: do not publish it now.
+    waiting_until_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +218,8 @@ class MessageRecord:
     updated_at: float | None = None
     recovered: bool = False
     row: Any = None
+    #: Unix time it was scheduled for (``send_email(send_at=...)``), or None.
+    send_at: float | None = None
     #: What the sender attached (``send_email(metadata=...)``, or its campaign's); {} if none.
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -212,6 +235,7 @@ class MessageRecord:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "recovered": self.recovered,
+            "send_at": self.send_at,
             "metadata": self.metadata,
         }
 
@@ -229,6 +253,18 @@ class CampaignStatus:
     meta: dict[str, str] = field(default_factory=dict)
     #: Batches the sweeper republished (their publish was lost, or their worker died).
     swept: int = 0
+    #: Unix time a scheduled campaign starts sending (``send_campaign(send_at=...)``).
+    send_at: float | None = None
+
+    @property
+    def scheduled(self) -> bool:
+        """Waiting for its ``send_at``: nothing of it is sent before then (a cancelled or
+        finished campaign is not waiting for anything)."""
+        return (
+            self.send_at is not None
+            and self.send_at > time.time()
+            and self.state not in (CampaignState.CANCELLED, CampaignState.COMPLETED)
+        )
 
     @property
     def open(self) -> int:
@@ -249,6 +285,8 @@ class CampaignStatus:
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "swept": self.swept,
+            "send_at": self.send_at,
+            "scheduled": self.scheduled,
             **self.meta,
         }
 
@@ -274,6 +312,7 @@ def parse_message(message_id: str, raw: dict[Any, Any]) -> MessageRecord | None:
         updated_at=_ms_to_s(data.get("updated_at")),
         recovered=data.get("recovered") == "1",
         row=json.loads(row) if row else None,
+        send_at=_ms_to_s(data.get("send_at")),
         metadata=_metadata(data.get("metadata")),
     )
 
@@ -307,6 +346,7 @@ def parse_campaign(campaign_id: str, raw: dict[Any, Any]) -> CampaignStatus | No
         enqueued_all=data.get("enqueued_all") == "1",
         swept=int(data.get("swept") or 0),
         meta={k: data[k] for k in _META_FIELDS if data.get(k)},
+        send_at=_ms_to_s(data.get("send_at")),
     )
 
 
@@ -322,6 +362,12 @@ class _Base:
         self.retention_s = retention_s
         #: A ledger entry nobody settled is republished this long after its due time.
         self.redeliver_after_ms = int(redeliver_after_s * 1000)
+
+    def ttl_for(self, send_at_ms: int | None) -> int:
+        """Retention of what waits for ``send_at``: the retention counts from then."""
+        if not send_at_ms:
+            return self.retention_s
+        return self.retention_s + max(0, math.ceil(send_at_ms / 1000 - time.time()))
 
     def _ledger_keys(self, campaign_id: str) -> list[str]:
         return [
@@ -385,12 +431,25 @@ class _Base:
             len(settle.follow_ups),
             self.redeliver_after_ms,
         ]
+        single = campaign_id == TRANSACTIONAL
         for outcome in outcomes:
-            argv += outcome.argv()
+            # A single message's row would be its whole body: never kept (privacy.md),
+            # whichever lane it was sent in.
+            argv += (replace(outcome, row=None) if single else outcome).argv()
         for entry in settle.follow_ups:
-            delay_ms = -1 if entry.stored else int(entry.delay_s * 1000)
+            delay_ms = int(entry.delay_s * 1000)
+            if entry.stored:
+                # The standing campaign has no dispatcher: its hand-back is due now and
+                # indexed for the scheduler (``_index_hand_backs``).
+                delay_ms = -2 if single else -1
             argv += [entry.batch_id, entry.payload_json(), delay_ms]
         return keys, argv
+
+    def _hand_backs(self, campaign_id: str, settle: Settlement) -> list[str]:
+        """Single messages handed back unpublished: the scheduler publishes them now."""
+        if campaign_id != TRANSACTIONAL:
+            return []
+        return [e.batch_id for e in settle.follow_ups if e.stored]
 
     def _ses_index(self, outcomes: Sequence[Transition]) -> list[tuple[str, str]]:
         """SES id -> message id entries, written after ``finish`` (a key of its own slot)."""
@@ -464,8 +523,13 @@ class StatusStore(_Base):
         *,
         template: dict[str, Any] | None = None,
         meta: dict[str, str] | None = None,
+        send_at_ms: int | None = None,
     ) -> None:
-        """Create the campaign record; refuse an id already used (idempotent producers)."""
+        """Create the campaign record; refuse an id already used (idempotent producers).
+
+        With ``send_at_ms`` the dispatcher hands out none of its batches before then, and
+        its record and template are kept that much longer (the retention counts from then).
+        """
         if not CAMPAIGN_ID_RE.match(campaign_id):
             raise CampaignError(
                 f"campaign id {campaign_id!r}: use 1-64 ASCII letters, digits, '_' or '-'"
@@ -479,7 +543,9 @@ class StatusStore(_Base):
             "enqueued_all": 0,
             **{name: 0 for name in COUNTERS},
             **(meta or {}),
+            **({"send_at": int(send_at_ms)} if send_at_ms else {}),
         }
+        ttl = self.ttl_for(send_at_ms)
         if not self.redis.hsetnx(key, "id", campaign_id):
             raise CampaignError(f"campaign {campaign_id!r} already exists")
         # On the sweeper's list first: a producer dying after this leaves nothing unswept.
@@ -487,11 +553,13 @@ class StatusStore(_Base):
         self.redis.zadd(self.keys.active(), {campaign_id: now_ms})
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)  # type: ignore[arg-type]  # redis-py's Mapping is invariant
-        pipe.expire(key, self.retention_s)
+        pipe.expire(key, ttl)
         if template is not None:
-            pipe.set(self.keys.template(campaign_id), json.dumps(template), ex=self.retention_s)
+            pipe.set(self.keys.template(campaign_id), json.dumps(template), ex=ttl)
         pipe.execute()
         self.redis.zadd(self.keys.campaigns_index(), {campaign_id: now_ms})
+        if send_at_ms:
+            self.schedule(START_PREFIX + campaign_id, send_at_ms)
 
     def add_queued(self, campaign_id: str, count: int, pipe: Any = None) -> None:
         """Count ``count`` new queued messages; pass the pipeline that enqueues them."""
@@ -509,15 +577,37 @@ class StatusStore(_Base):
         target.expire(self.keys.batches(campaign_id), self.retention_s)
         target.expire(self.keys.due(campaign_id), self.retention_s)
 
-    def store_batch(self, campaign_id: str, entry: LedgerEntry, seq: int, pipe: Any) -> None:
+    def store_batch(
+        self, campaign_id: str, entry: LedgerEntry, seq: int, pipe: Any, *, ttl_s: int = 0
+    ) -> None:
         """Keep a batch for the dispatcher: in the ledger and the backlog, not yet published.
 
         Not due: the sweeper never republishes a batch the dispatcher has not handed out.
+        ``ttl_s``: a scheduled campaign's (``ttl_for``); default the retention.
         """
+        ttl = ttl_s or self.retention_s
         pipe.hset(self.keys.batches(campaign_id), entry.batch_id, entry.payload_json())
         pipe.zadd(self.keys.backlog(campaign_id), {entry.batch_id: seq}, nx=True)
-        pipe.expire(self.keys.batches(campaign_id), self.retention_s)
-        pipe.expire(self.keys.backlog(campaign_id), self.retention_s)
+        pipe.expire(self.keys.batches(campaign_id), ttl)
+        pipe.expire(self.keys.backlog(campaign_id), ttl)
+
+    # Scheduled work --------------------------------------------------------------------
+
+    def schedule(self, member: str, at_ms: int) -> None:
+        """Index ``member`` (a single message's id, or ``start:<campaign>``) for the fleet's
+        scheduler at ``at_ms`` and wake it, so it waits for the earliest due time."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.scheduled(), {member: int(at_ms)})
+        pipe.lpush(self.keys.schedule_kick(), 1)
+        pipe.ltrim(self.keys.schedule_kick(), 0, 0)
+        pipe.execute()
+
+    def unschedule_start(self, campaign_id: str) -> None:
+        self.redis.zrem(self.keys.scheduled(), START_PREFIX + campaign_id)
+
+    def scheduled_count(self) -> int:
+        """Entries waiting in the scheduler's index (messages and campaign starts)."""
+        return int(self.redis.zcard(self.keys.scheduled()))
 
     def kick_dispatcher(self, campaign_id: str | None = None) -> None:
         """Wake the fleet's dispatcher now instead of at its next poll.
@@ -554,6 +644,23 @@ class StatusStore(_Base):
         self, message_id: str, email: str, payload: dict[str, Any]
     ) -> tuple[bool, MessageState, bool]:
         """Record a single message and its ledger entry; (new, state, entry still there)."""
+        done = self.enqueue_single(message_id, email, payload)
+        return done.new, done.state, done.in_ledger
+
+    def enqueue_single(
+        self,
+        message_id: str,
+        email: str,
+        payload: dict[str, Any],
+        *,
+        send_at_ms: int | None = None,
+    ) -> Enqueued:
+        """Record a single message and its ledger entry, to publish now or at ``send_at_ms``.
+
+        A message still waiting for its time is indexed for the scheduler here (again for
+        an existing one: a producer that died before indexing it is repaired by a retry);
+        the caller must not publish it.
+        """
         keys = [
             self.keys.campaign(TRANSACTIONAL),
             self.keys.batches(TRANSACTIONAL),
@@ -567,11 +674,22 @@ class StatusStore(_Base):
                 json.dumps(payload, separators=(",", ":")),
                 self.redeliver_after_ms,
                 self.retention_s,
+                int(send_at_ms or 0),
             ],
         )
-        if _text(raw[0]) == "new":
+        new = _text(raw[0]) == "new"
+        if new:
             self.redis.zadd(self.keys.active(), {TRANSACTIONAL: 0}, nx=True)
-        return _text(raw[0]) == "new", MessageState(_text(raw[1])), _text(raw[2]) == "1"
+        waiting = _text(raw[3]) if len(raw) > 3 else ""
+        done = Enqueued(
+            new,
+            MessageState(_text(raw[1])),
+            _text(raw[2]) == "1",
+            int(waiting) if waiting else None,
+        )
+        if done.waiting_until_ms is not None and done.state is MessageState.QUEUED:
+            self.schedule(message_id, done.waiting_until_ms)
+        return done
 
     def enqueued_upto(self, campaign_id: str) -> int:
         """Rows below this sequence number are published or recorded (resume point)."""
@@ -654,6 +772,7 @@ class StatusStore(_Base):
         result, state = _control_result(campaign_id, self._control(keys=keys, args=argv))
         if result == "refused":
             raise CampaignError(f"campaign {campaign_id!r} is already {state}")
+        self.unschedule_start(campaign_id)  # its start no longer wakes anybody
         return self.cancel_parked(campaign_id)
 
     def cancel_parked(self, campaign_id: str) -> int:
@@ -753,6 +872,8 @@ class StatusStore(_Base):
             self.activate(campaign_id)
         for key, mid in self._ses_index(outcomes):
             self.redis.set(key, mid, ex=self.retention_s)
+        for batch_id in self._hand_backs(campaign_id, settle):
+            self.schedule(batch_id, 0)
         return parse_campaign_state(raw[0])
 
 
@@ -778,6 +899,8 @@ class AsyncStatusStore(_Base):
         self._control = client.register_script(CONTROL_LUA)
         self._take_due = client.register_script(TAKE_DUE_LUA)
         self._dispatch = client.register_script(DISPATCH_LUA)
+        self._take_scheduled = client.register_script(TAKE_SCHEDULED_LUA)
+        self._schedule_due = client.register_script(SCHEDULE_DUE_LUA)
 
     async def claim(
         self,
@@ -803,12 +926,17 @@ class AsyncStatusStore(_Base):
         keys, argv = self._finish_args(campaign_id, outcomes, requeue, settle)
         raw = await self._finish(keys=keys, args=argv)
         index = self._ses_index(outcomes)
+        hand_backs = self._hand_backs(campaign_id, settle)
         if index or settle.follow_ups:
             pipe = self.redis.pipeline(transaction=False)
             for key, mid in index:
                 pipe.set(key, mid, ex=self.retention_s)
             if settle.follow_ups:  # keep the campaign on the sweeper's list
                 pipe.zadd(self.keys.active(), {campaign_id: int(time.time() * 1000)}, nx=True)
+            if hand_backs:  # due now: the scheduler publishes them (the sweeper if not)
+                pipe.zadd(self.keys.scheduled(), dict.fromkeys(hand_backs, 0))
+                pipe.lpush(self.keys.schedule_kick(), 1)
+                pipe.ltrim(self.keys.schedule_kick(), 0, 0)
             await pipe.execute()
         return parse_campaign_state(raw[0])
 
@@ -915,7 +1043,7 @@ class AsyncStatusStore(_Base):
         raw = await self._dispatch(
             keys=keys, args=[take, int(unclaimed_after_s * 1000), self.retention_s]
         )
-        pairs = raw[6:]
+        pairs = raw[7:]
         return DispatchReply(
             campaign_id,
             parse_campaign_state(raw[0]),
@@ -928,6 +1056,7 @@ class AsyncStatusStore(_Base):
                 LedgerEntry(_text(pairs[i]), json.loads(_text(pairs[i + 1])))
                 for i in range(0, len(pairs), 2)
             ],
+            int(raw[6]) / 1000.0,
         )
 
     async def kick_dispatcher(self) -> None:
@@ -935,6 +1064,40 @@ class AsyncStatusStore(_Base):
         pipe.lpush(self.keys.dispatch_kick(), 1)
         pipe.ltrim(self.keys.dispatch_kick(), 0, 0)
         await pipe.execute()
+
+    # The scheduler ----------------------------------------------------------------------
+
+    async def schedule_due(self, *, limit: int) -> tuple[float | None, list[str]]:
+        """Index members due now (at most ``limit``) and the seconds until the next one
+        after them (None: nothing else is scheduled), by the server's clock."""
+        raw = await self._schedule_due(keys=[self.keys.scheduled()], args=[limit])
+        next_in_ms = int(raw[0])
+        return (None if next_in_ms < 0 else next_in_ms / 1000.0), [_text(m) for m in raw[1:]]
+
+    async def take_scheduled(
+        self, campaign_id: str, batch_ids: Sequence[str]
+    ) -> tuple[CampaignState | None, list[LedgerEntry], list[str]]:
+        """Take the due entries among ``batch_ids``; returns (state, entries to publish,
+        ids gone or already taken: nothing to do)."""
+        keys = [
+            self.keys.campaign(campaign_id),
+            self.keys.batches(campaign_id),
+            self.keys.due(campaign_id),
+        ]
+        raw = await self._take_scheduled(keys=keys, args=[self.redeliver_after_ms, *batch_ids])
+        pairs = raw[1:]
+        entries, gone = [], []
+        for i in range(0, len(pairs), 2):
+            batch_id, payload = _text(pairs[i]), _text(pairs[i + 1])
+            if payload:
+                entries.append(LedgerEntry(batch_id, json.loads(payload)))
+            else:
+                gone.append(batch_id)
+        return parse_campaign_state(raw[0]), entries, gone
+
+    async def unschedule(self, members: Sequence[str]) -> None:
+        if members:
+            await self.redis.zrem(self.keys.scheduled(), *members)
 
     async def retire_if_settled(self, campaign_id: str) -> bool:
         """Drop a finished campaign from the sweeper's list once its ledger is empty."""

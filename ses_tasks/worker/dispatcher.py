@@ -17,6 +17,10 @@ list (a batch settled, a producer stored batches) or by a short poll. Crash safe
 from the ledger: a taken batch is due for the sweeper ``DISPATCH_TIMEOUT_S`` after it was
 taken unless a worker claims it, so a dispatcher killed between take and publish loses
 nothing, and a copy published twice is harmless (claims are idempotent).
+
+A campaign scheduled with ``send_at`` takes no slot before then (its dispatch script
+refuses, by the Redis server's clock); the scheduler (``scheduler.py``) kicks the
+dispatcher at that time, so it starts within a round, not at the next poll.
 """
 
 from __future__ import annotations
@@ -196,10 +200,16 @@ class Dispatcher:
         campaigns = list(
             await asyncio.gather(*(store.dispatch(c, 0, unclaimed_after_s=timeout_s) for c in ids))
         )
-        spent = await self._quota_spent({c.profile for c in campaigns if c.backlog})
+        spent = await self._quota_spent(
+            {c.profile for c in campaigns if c.backlog and not c.starts_in_s}
+        )
         # A profile whose 24-hour quota is used up gets nothing: its batches would only
-        # turn into deferred follow-ups outside the window.
-        candidates = [replace(c, backlog=0) if c.profile in spent else c for c in campaigns]
+        # turn into deferred follow-ups outside the window. A scheduled campaign gets
+        # nothing before its send_at (the script would take nothing anyway).
+        candidates = [
+            replace(c, backlog=0) if c.profile in spent or c.starts_in_s > 0 else c
+            for c in campaigns
+        ]
         window = await self.window()
         grants = allocate(candidates, window)
         await self._make_room(campaigns, grants, window)

@@ -28,6 +28,7 @@ from ses_tasks.store.connections import async_redis
 from ses_tasks.store.tracking import AsyncStatusStore, parse_message
 from ses_tasks.worker.dispatcher import Dispatcher
 from ses_tasks.worker.lanes import Lane, LaneView
+from ses_tasks.worker.scheduler import Scheduler
 from ses_tasks.worker.sweeper import Sweeper
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class WorkerRuntime:
         self.templates: dict[str, Any] = {}
         self._sweeper_task: concurrent.futures.Future[None] | None = None
         self._dispatcher_task: concurrent.futures.Future[None] | None = None
+        self._scheduler_task: concurrent.futures.Future[None] | None = None
         #: Batches this process takes at once from bulk queues (0: it consumes none).
         self.bulk_capacity = settings.batches_per_process
         #: The broker queues this process's worker consumes (heartbeats name them, so a
@@ -164,7 +166,8 @@ class WorkerRuntime:
         return future.result(timeout=timeout_s or self.settings.task_timeout_s)
 
     def start_fleet_loops(self, publish: Callable[[BatchJob], None]) -> None:
-        """Run the fleet's sweeper and dispatcher loops here (each acts only as leader)."""
+        """Run the fleet's sweeper, dispatcher and scheduler loops here (each acts only as
+        leader)."""
         self.start()
         if self._sweeper_task is None:
             sweeper = Sweeper(self, publish)
@@ -173,6 +176,11 @@ class WorkerRuntime:
             dispatcher = Dispatcher(self, publish)
             self._dispatcher_task = asyncio.run_coroutine_threadsafe(
                 dispatcher.run_forever(), self.loop
+            )
+        if self._scheduler_task is None:
+            scheduler = Scheduler(self, publish)
+            self._scheduler_task = asyncio.run_coroutine_threadsafe(
+                scheduler.run_forever(), self.loop
             )
 
     async def stored_record(self, message_id: str) -> dict[str, Any]:
@@ -203,7 +211,11 @@ class WorkerRuntime:
         try:
             # The fleet loops end their round (a batch taken is published) and give up
             # their locks, so another process leads at once.
-            loops = [f for f in (self._sweeper_task, self._dispatcher_task) if f is not None]
+            loops = [
+                f
+                for f in (self._sweeper_task, self._dispatcher_task, self._scheduler_task)
+                if f is not None
+            ]
             concurrent.futures.wait(loops, timeout=CLOSE_TIMEOUT_S)
             for loop_task in loops:
                 loop_task.cancel()

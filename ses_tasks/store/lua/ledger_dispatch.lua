@@ -6,22 +6,26 @@
 -- retention s
 -- A dispatched batch counts against the campaign's credits until it leaves the ledger
 -- (settled or parked); settled ones are pruned here, so credits need no other bookkeeping.
--- Returns {campaign_state, in_flight, backlog, weight, open, profile, id_1, payload_1, ...}.
+-- A campaign scheduled with send_at hands out nothing before then (by this server's
+-- clock), unless it is cancelled: its batches are then taken to record them cancelled.
+-- Returns {campaign_state, in_flight, backlog, weight, open, profile, starts_in_ms (0 once
+-- it may send), id_1, payload_1, ...}.
 local now = now_ms()
-local cstate = redis.call('HGET', KEYS[1], 'state') or 'missing'
-local weight = redis.call('HGET', KEYS[1], 'weight') or '1'
-local profile = redis.call('HGET', KEYS[1], 'profile') or ''
+local c = redis.call('HMGET', KEYS[1], 'state', 'weight', 'profile', 'send_at')
+local cstate, weight, profile = c[1] or 'missing', c[2] or '1', c[3] or ''
+local starts_in = 0
+if c[4] and cstate ~= 'cancelled' then starts_in = math.max(0, (tonumber(c[4]) or 0) - now) end
 if cstate == 'missing' then
   -- Its record is gone (expired, or Redis lost it): claims would send nothing.
   redis.call('DEL', KEYS[4], KEYS[5])
-  return {cstate, 0, 0, weight, 0, profile}
+  return {cstate, 0, 0, weight, 0, profile, 0}
 end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
   if redis.call('HEXISTS', KEYS[2], id) == 0 then redis.call('ZREM', KEYS[5], id) end
 end
-local out = {cstate, 0, 0, weight, 0, profile}
+local out = {cstate, 0, 0, weight, 0, profile, starts_in}
 local n = tonumber(ARGV[1])
-if n > 0 and cstate ~= 'paused' then
+if n > 0 and cstate ~= 'paused' and starts_in == 0 then
   local taken = redis.call('ZPOPMIN', KEYS[4], n)
   for i = 1, #taken, 2 do
     local id = taken[i]

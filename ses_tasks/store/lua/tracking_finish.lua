@@ -7,7 +7,8 @@
 -- ARGV[4] transition count T, ARGV[5] release count R, ARGV[6] batch id done ('' none),
 -- ARGV[7] follow-up count F, ARGV[8] publish grace ms,
 -- then T groups of 5: new state, code, reason, ses message id, row json;
--- then F groups of 3: follow-up batch id, payload json, delay ms.
+-- then F groups of 3: follow-up batch id, payload json, delay ms (-1: to the backlog, for
+-- the dispatcher; -2: due now, for the scheduler and the sweeper).
 -- Rules: "sent" never changes; other final states change only in "requeue" mode, which
 -- changes nothing else (an open message is left alone); a
 -- message another worker took over (lease token not ours) is left to that worker unless
@@ -85,7 +86,11 @@ local backlog = KEYS[5 + nt + nr]
 for _ = 1, nf do
   redis.call('HSET', KEYS[3], ARGV[a], ARGV[a + 1])
   local delay = tonumber(ARGV[a + 2])
-  if delay < 0 then
+  if delay == -2 then
+    -- Due now, unpublished: a single message handed back (the caller indexes it for the
+    -- scheduler, which publishes it at once; the sweeper is the backstop).
+    redis.call('ZADD', KEYS[4], now, ARGV[a])
+  elseif delay < 0 then
     -- Back to the backlog, first in line: the dispatcher hands it out within its window.
     redis.call('ZADD', backlog, -1, ARGV[a])
     redis.call('EXPIRE', backlog, ttl)

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from ses_tasks.config import Settings, load_settings
-from ses_tasks.errors import SesTasksError
+from ses_tasks.errors import ValidationError
 from ses_tasks.feedback.apply import ApplyResult, FeedbackApplier
 from ses_tasks.feedback.events import ParseError, parse_event, unwrap
 from ses_tasks.feedback.settings import FeedbackSettings, load_feedback_settings
@@ -209,9 +209,9 @@ class FeedbackHandler:
             with Path(path).open(encoding="utf-8") as handle:
                 return self.ingest_lines(handle, verify=verify)
         except OSError as exc:
-            raise SesTasksError(f"cannot read {path}: {exc.strerror}") from None
+            raise ValidationError("file", f"cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise SesTasksError(f"{path} is not UTF-8 text") from None
+            raise ValidationError("file", f"{path} is not UTF-8 text") from None
 
     def ingest_lines(self, lines: Iterable[str], *, verify: bool = False) -> IngestReport:
         if verify:

@@ -235,6 +235,10 @@ def message_fields(message: EmailMessage) -> dict[str, Any]:
         fields["tags"] = tags
     if message.attachments:
         fields["attachments"] = [_attachment(a, i) for i, a in enumerate(message.attachments)]
+    # `message.metadata = {...}` (as with django-anymail) comes back in delivery events.
+    metadata = getattr(message, "metadata", None)
+    if metadata is not None:
+        fields["metadata"] = metadata
     return fields
 
 

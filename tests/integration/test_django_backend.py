@@ -329,3 +329,12 @@ def test_inline_image_and_calendar_invite_arrive_intact(make_pipeline):
     (agenda,) = parsed.iter_attachments()
     assert agenda.get_filename() == "agenda.txt"
     assert agenda.get_payload(decode=True) == b"1. coffee\n"
+
+
+def test_message_metadata_travels_like_anymail():
+    message = mail.EmailMessage("Hi", "body", "site@example.com", ["u@example.com"])
+    message.metadata = {"user_id": 42}  # type: ignore[attr-defined]
+    assert message_fields(message)["metadata"] == {"user_id": 42}
+    assert "metadata" not in message_fields(
+        mail.EmailMessage("Hi", "body", "site@example.com", ["u@example.com"])
+    )

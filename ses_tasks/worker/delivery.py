@@ -799,6 +799,13 @@ class _Run:
                 self.identity_reason = self.identity_reason or reason
                 self.fatal_items.append(item)
                 return
+            if _is_iam_denial(result.reason):
+                # SES names the sender's identity in an IAM denial even when the policy
+                # denies every identity (detached policy, an SCP): retry later, as for an
+                # endpoint refusal, rather than fail password resets for good.
+                self._record(item, MessageState.DEFERRED, result.code, reason)
+                self.follow_items[(RetryKind.ENDPOINT, 0)].append(item)
+                return
         self._record(item, d.state, result.code, reason, result.ses_message_id, keep_row=d.keep_row)
         if d.retry is not RetryKind.NONE:
             delay_key = 0 if d.retry is not RetryKind.BACKOFF else d.attempts
@@ -859,6 +866,8 @@ class _Run:
                     delay, why = policy.throttle_s(), "throttled"
                 case RetryKind.QUOTA:
                     delay, why = self.quota_retry_s or s.retry_max_s, "24-hour quota used up"
+                case RetryKind.ENDPOINT:
+                    delay, why = s.retry_max_s, "sender not authorized (IAM)"
                 case _:
                     delay, why = policy.backoff_s(attempts), f"transient failure #{attempts}"
             entries.append(self._follow_up(items, delay, why))
@@ -986,6 +995,11 @@ class _Run:
         if claimed:
             release.extend(ids)
         entries.append(self._follow_up(items, 0.0, "campaign resumed"))
+
+
+def _is_iam_denial(reason: str) -> bool:
+    low = reason.lower()
+    return "not authorized to perform" in low or "access denied" in low
 
 
 async def deliver(rt: DeliveryRuntime, job: BatchJob) -> BatchReport:

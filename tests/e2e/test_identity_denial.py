@@ -9,8 +9,9 @@ after DATA (as SES does) or at MAIL FROM. One worker process, one pool:
   was sent or failed, and its counters add up (every message parked or still stored);
 - campaign B, from another address, sent *after* A's refusal on the same worker and pool,
   sends all its mail (a pool-wide cool-down would have paused it too);
-- transactional mail from the denied identity ends ``failed`` with the reason (not retried
-  for ever), while transactional mail from another address is sent;
+- transactional mail from the denied identity is ``deferred`` with the reason and retried
+  after RETRY_MAX_S (an IAM denial names the identity even when the policy denies every
+  identity, so it must not fail for good), while mail from another address is sent;
 - ``ses-tasks campaign status`` shows A's reason.
 """
 
@@ -111,14 +112,18 @@ def test_a_denied_identity_pauses_its_campaign_and_fails_its_mail_only(
     assert final_b.state.value == "completed", final_b.to_dict()
     assert final_b.counts["sent"] == TOTAL and _adds_up(final_b)
 
-    def final(message_id: str) -> MessageRecord | None:
+    def in_state(message_id: str, *states: str) -> MessageRecord | None:
         record = client.message_status(message_id)
-        return record if record is not None and record.state.value in ("sent", "failed") else None
+        return record if record is not None and record.state.value in states else None
 
-    failed = wait_for(lambda: final(refused), timeout_s=30, what="the refused message final")
-    assert (failed.state.value, failed.code) == ("failed", 554)
-    assert failed.reason.startswith(f"sender identity {DENIED} refused: 554 ")
-    assert failed.attempts == 1  # one try, not retried
+    def final(message_id: str) -> MessageRecord | None:
+        return in_state(message_id, "sent", "failed")
+
+    deferred = wait_for(
+        lambda: in_state(refused, "deferred"), timeout_s=30, what="the refused message deferred"
+    )
+    assert deferred.code == 554
+    assert deferred.reason.startswith(f"sender identity {DENIED} refused: 554 ")
     sent = wait_for(lambda: final(allowed), timeout_s=30, what="the allowed message final")
     assert sent.state.value == "sent" and sent.ses_message_id
 

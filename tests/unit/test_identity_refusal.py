@@ -93,7 +93,9 @@ def test_a_denied_identity_pauses_its_campaign_only(server):
     assert set(rt.pool.sent.values()) == {1} and len(rt.pool.sent) == 20
 
 
-def test_transactional_mail_from_a_denied_identity_fails_without_retrying(server):
+def test_transactional_mail_denied_by_iam_is_deferred_and_retried_not_failed(server):
+    """SES names the sender identity in every IAM denial, even when the policy denies all
+    identities (a detached policy): a password reset must wait, not fail for good."""
     store = sync_store(server)
     rt = make_runtime(server)
     rt.pool = DenyingPool()
@@ -104,14 +106,43 @@ def test_transactional_mail_from_a_denied_identity_fails_without_retrying(server
 
     report = asyncio.run(deliver(rt, job))
     assert report.record is not None
-    assert (report.record["state"], report.record["code"]) == ("failed", 554)
+    assert (report.record["state"], report.record["code"]) == ("deferred", 554)
     assert report.record["reason"].startswith(f"sender identity {DENIED} refused: 554 ")
-    assert report.follow_ups == [] and ledger(server, "transactional") == set()
+    [follow] = report.follow_ups
+    assert follow.countdown_s == rt.settings.retry_max_s
+    assert follow.why == "sender not authorized (IAM)"
     record = store.message_status("transactional.m1")
-    assert record is not None and record.state is MessageState.FAILED
+    assert record is not None and record.state is MessageState.DEFERRED
     # The standing transactional campaign is not paused: other senders' mail goes on.
     assert store.campaign_status("transactional").state is not CampaignState.PAUSED
     ok = BatchItem("m2", "c@example.com", {}, 0, {**spec, "from": "shop@example.com"})
     job2 = BatchJob("transactional", (ok,), "transactional.m2", Priority.TRANSACTIONAL)
     store.enqueue_one("transactional.m2", "c@example.com", job2.payload())
     assert asyncio.run(deliver(rt, job2)).record["state"] == "sent"
+    # Once the policy is fixed, the retry sends it.
+    rt.pool.denied.clear()
+    assert asyncio.run(deliver(rt, follow.job)).record["state"] == "sent"
+
+
+def test_transactional_mail_from_an_unverified_sender_fails_without_retrying(server):
+    store = sync_store(server)
+    rt = make_runtime(server)
+
+    class Unverified(DenyingPool):
+        async def send(self, envelope_from, recipients, data):
+            return SendResult(
+                Outcome.PERMANENT,
+                554,
+                "Message rejected: Email address is not verified. The following identities "
+                f"failed the check in region US-EAST-1: {DENIED}",
+                identity=DENIED,
+            )
+
+    rt.pool = Unverified()
+    spec = {"from": DENIED, "to": ["b@example.com"], "subject": "s", "text": "t"}
+    item = BatchItem("m1", "b@example.com", {}, 0, spec)
+    job = BatchJob("transactional", (item,), "transactional.m1", Priority.TRANSACTIONAL)
+    store.enqueue_one("transactional.m1", "b@example.com", job.payload())
+    report = asyncio.run(deliver(rt, job))
+    assert report.record is not None and report.record["state"] == "failed"
+    assert report.follow_ups == [] and ledger(server, "transactional") == set()

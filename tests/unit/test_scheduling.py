@@ -454,3 +454,72 @@ def test_a_failed_publish_is_left_due_now_for_the_sweeper():
     asyncio.run(scheduler.run_due())
     assert sync.redis.zscore(sync.keys.due(TRANSACTIONAL), mid) == 0
     assert scheduled(sync) == {} and scheduler.published == 0
+
+
+# The client: what it publishes now, and what it leaves to the scheduler ------------------
+
+
+class StubCelery:
+    backend = None  # results are not read here
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send_task(self, name: str, **kwargs: Any) -> None:
+        self.sent.append((name, kwargs))
+
+
+def fake_client() -> tuple[SesTasks, StubCelery]:
+    app = StubCelery()
+    ses = SesTasks(Settings(host="localhost", port=465, key_prefix="t"), celery_app=app)  # type: ignore[arg-type]
+    ses.__dict__["redis"] = fakeredis.FakeRedis()  # the cached client, on fakeredis
+    return ses, app
+
+
+def test_a_scheduled_send_publishes_nothing_and_its_key_sends_it_once():
+    from ses_tasks.produce.client import StoredMessageResult
+
+    ses, app = fake_client()
+    at = datetime.now(UTC) + timedelta(minutes=10)
+    first = ses.send_email(**MESSAGE, send_at=at, idempotency_key="k1", profile="")
+    second = ses.send_email(**MESSAGE, send_at=at.isoformat(), idempotency_key="k1")
+    third = ses.send_email(**MESSAGE, idempotency_key="k1")  # no send_at: still waits
+    assert first.message_id == second.message_id == third.message_id
+    assert app.sent == []
+    assert scheduled(ses.store) == {first.message_id: int(at.timestamp() * 1000)}
+    record = ses.message_status(first.message_id)
+    assert record.state is MessageState.QUEUED
+    assert record.send_at == int(at.timestamp() * 1000) / 1000
+    assert ses.store.campaign_status(TRANSACTIONAL).total == 1
+    assert not isinstance(first, StoredMessageResult)
+
+
+def test_priority_picks_the_queue_and_the_result_reader():
+    from ses_tasks.produce.client import StoredMessageResult
+    from ses_tasks.queue.app import BATCH_TASK, MESSAGE_TASK
+
+    ses, app = fake_client()
+    tx = ses.send_email(**MESSAGE)
+    bulk = ses.send_email(**MESSAGE, priority="bulk")
+    (tx_name, tx_kwargs), (bulk_name, bulk_kwargs) = app.sent
+    assert (tx_name, tx_kwargs["queue"], tx_kwargs["task_id"]) == (
+        MESSAGE_TASK,
+        "ses.tls.transactional",
+        tx.message_id,
+    )
+    assert (bulk_name, bulk_kwargs["queue"]) == (BATCH_TASK, "ses.tls")
+    campaign_id, _items, batch_id = bulk_kwargs["args"][:3]
+    assert (campaign_id, batch_id) == (TRANSACTIONAL, bulk.message_id)
+    assert isinstance(bulk, StoredMessageResult) and not bulk.ready()
+    # Its result is read from the store: final once the worker records it.
+    ses.store.finish(
+        TRANSACTIONAL, [Transition(bulk.message_id, MessageState.SENT, 250, "Ok", "ses-1")]
+    )
+    assert bulk.ready()
+    assert bulk.get(timeout=1) == {
+        "message_id": bulk.message_id,
+        "state": "sent",
+        "ses_message_id": "ses-1",
+        "code": 250,
+        "reason": "Ok",
+    }

@@ -75,8 +75,8 @@ def parse_send_at(
         raise ValidationError(
             "send_at",
             f"{format_epoch(epoch)} is {_days(round(ahead))} ahead; at most "
-            f"{_days(retention_s)} ahead (SES_TASKS_RETENTION_S={retention_s:g}: records are "
-            "kept that long)",
+            f"{_days(retention_s)} ahead (SES_TASKS_RETENTION_S={int(retention_s)}: records "
+            "are kept that long)",
         )
     return int(epoch * 1000)
 

@@ -60,7 +60,11 @@ class AnsweringPool:
 
 SENT = SendResult(Outcome.SENT, 250, "Ok", "ses-1")
 REFUSED = SendResult(
-    Outcome.PERMANENT, 554, "not authorized on identity/x@example.com", identity="x@example.com"
+    Outcome.PERMANENT,
+    554,
+    "Message rejected: Email address is not verified. The following identities failed the "
+    "check in region US-EAST-1: x@example.com",
+    identity="x@example.com",
 )
 FATAL = SendResult(Outcome.FATAL, 535, "Authentication Credentials Invalid")
 

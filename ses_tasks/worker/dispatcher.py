@@ -272,17 +272,26 @@ class Dispatcher:
 
     async def _publish(self, campaign_id: str, reply: DispatchReply) -> int:
         jobs = [BatchJob.from_payload(campaign_id, e.batch_id, e.payload) for e in reply.taken]
-        failed = await asyncio.to_thread(self._publish_all, jobs)
+        published: list[str] = []
+        try:
+            failed = await asyncio.to_thread(self._publish_all, jobs, published)
+        except asyncio.CancelledError:
+            # Cut short (shutdown): the batches not yet handed to the broker are due now
+            # for the sweeper instead of waiting out DISPATCH_TIMEOUT_S.
+            rest = [j.batch_id for j in jobs if j.batch_id not in set(published)]
+            await asyncio.shield(self.rt.store.mark_due_now(campaign_id, rest))
+            raise
         if failed:  # due now: the sweeper republishes them at its next pass
             log.warning("dispatcher: %d batches of %s not published", len(failed), campaign_id)
             await self.rt.store.mark_due_now(campaign_id, failed)
         return len(jobs) - len(failed)
 
-    def _publish_all(self, jobs: list[BatchJob]) -> list[str]:
+    def _publish_all(self, jobs: list[BatchJob], published: list[str]) -> list[str]:
         failed = []
         for job in jobs:
             try:
                 self.publish(job)
+                published.append(job.batch_id)
             except Exception as exc:
                 log.warning("dispatcher: batch %s not published (%s)", job.batch_id, exc)
                 failed.append(job.batch_id)

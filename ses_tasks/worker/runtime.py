@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CLOSE_TIMEOUT_S = 10.0
+#: How long shutdown waits for fleet loops and publishers: longer than one publish's
+#: retries (the app's policy pauses ~11 s in all), so nothing taken is left unpublished.
+FLEET_STOP_S = 15.0
 
 
 class WorkerRuntime:
@@ -69,6 +72,8 @@ class WorkerRuntime:
         self._sweeper_task: concurrent.futures.Future[None] | None = None
         self._dispatcher_task: concurrent.futures.Future[None] | None = None
         self._scheduler_task: concurrent.futures.Future[None] | None = None
+        #: The fleet loops' tasks on our loop, so close() can wait for them to end.
+        self._fleet_tasks: set[asyncio.Task[None]] = set()
         #: Batches this process takes at once from bulk queues (0: it consumes none).
         self.bulk_capacity = settings.batches_per_process
         #: The broker queues this process's worker consumes (heartbeats name them, so a
@@ -171,17 +176,34 @@ class WorkerRuntime:
         self.start()
         if self._sweeper_task is None:
             sweeper = Sweeper(self, publish)
-            self._sweeper_task = asyncio.run_coroutine_threadsafe(sweeper.run_forever(), self.loop)
+            self._sweeper_task = self._start_fleet_loop(sweeper.run_forever())
         if self._dispatcher_task is None:
             dispatcher = Dispatcher(self, publish)
-            self._dispatcher_task = asyncio.run_coroutine_threadsafe(
-                dispatcher.run_forever(), self.loop
-            )
+            self._dispatcher_task = self._start_fleet_loop(dispatcher.run_forever())
         if self._scheduler_task is None:
             scheduler = Scheduler(self, publish)
-            self._scheduler_task = asyncio.run_coroutine_threadsafe(
-                scheduler.run_forever(), self.loop
-            )
+            self._scheduler_task = self._start_fleet_loop(scheduler.run_forever())
+
+    def _start_fleet_loop(self, coro: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        async def tracked() -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._fleet_tasks.add(task)
+            await coro
+
+        return asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+
+    async def _stop_fleet_loops(self) -> None:
+        """Let each loop end its round (what it took gets published), then cancel the ones
+        still stuck (their handlers mark what they took due now) and wait for them."""
+        tasks = [t for t in self._fleet_tasks if not t.done()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=FLEET_STOP_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
 
     async def stored_record(self, message_id: str) -> dict[str, Any]:
         """A message's record as a task result (``queued`` if there is none)."""
@@ -211,14 +233,9 @@ class WorkerRuntime:
         try:
             # The fleet loops end their round (a batch taken is published) and give up
             # their locks, so another process leads at once.
-            loops = [
-                f
-                for f in (self._sweeper_task, self._dispatcher_task, self._scheduler_task)
-                if f is not None
-            ]
-            concurrent.futures.wait(loops, timeout=CLOSE_TIMEOUT_S)
-            for loop_task in loops:
-                loop_task.cancel()
+            asyncio.run_coroutine_threadsafe(self._stop_fleet_loops(), self.loop).result(
+                timeout=FLEET_STOP_S + CLOSE_TIMEOUT_S + 1
+            )
             # Let batches still sending finish and record, within the lease.
             _, late = concurrent.futures.wait(
                 list(self._running), timeout=self.settings.claim_lease_s
@@ -230,7 +247,11 @@ class WorkerRuntime:
                     len(late),
                     self.settings.claim_lease_s,
                 )
-            self._join_publishers(CLOSE_TIMEOUT_S)  # follow-ups on their way to the broker
+            # A batch's done callbacks (which start its follow-ups' publisher) run on the
+            # loop just after its future wakes us: one loop turn later they have run.
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(timeout=5)
+            # Follow-ups on their way to the broker: one publish may retry for ~11 s.
+            self._join_publishers(FLEET_STOP_S)
         except Exception:  # pragma: no cover - the connections must still QUIT below
             log.warning("worker runtime: waiting for running work failed", exc_info=True)
 

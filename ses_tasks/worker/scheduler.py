@@ -110,7 +110,12 @@ class Scheduler:
             done += starts
         for campaign_id, ids in singles.items():
             _, entries, gone = await store.take_scheduled(campaign_id, ids)
-            failed = await asyncio.to_thread(self._publish_all, campaign_id, entries)
+            try:
+                failed = await asyncio.to_thread(self._publish_all, campaign_id, entries)
+            except asyncio.CancelledError:  # shutdown: the sweeper publishes them now
+                ids_taken = [e.batch_id for e in entries]
+                await asyncio.shield(store.mark_due_now(campaign_id, ids_taken))
+                raise
             if failed:  # due now: the sweeper publishes them at its next pass
                 await store.mark_due_now(campaign_id, failed)
             self.published += len(entries) - len(failed)

@@ -63,16 +63,27 @@ class Sweeper:
         store = self.rt.store
         republished = 0
         for campaign_id in await store.active_campaigns():
+            if self.rt.stopping:  # take nothing we might not get to publish
+                break
             _, entries = await store.take_due(campaign_id, limit=SWEEP_LIMIT)
             failed: list[str] = []
-            for entry in entries:
-                job = BatchJob.from_payload(campaign_id, entry.batch_id, entry.payload)
-                try:
-                    await asyncio.to_thread(self.publish, job)
-                    republished += 1
-                except Exception as exc:
-                    log.warning("sweeper: batch %s not published (%s)", entry.batch_id, exc)
-                    failed.append(entry.batch_id)
+            done = 0
+            try:
+                for entry in entries:
+                    job = BatchJob.from_payload(campaign_id, entry.batch_id, entry.payload)
+                    try:
+                        await asyncio.to_thread(self.publish, job)
+                        republished += 1
+                    except Exception as exc:
+                        log.warning("sweeper: batch %s not published (%s)", entry.batch_id, exc)
+                        failed.append(entry.batch_id)
+                    done += 1
+            except asyncio.CancelledError:
+                # Cut short (shutdown): what was taken and not published is due now, not
+                # after REDELIVER_AFTER_S, so the next sweeper publishes it at once.
+                rest = failed + [e.batch_id for e in entries[done:]]
+                await asyncio.shield(store.mark_due_now(campaign_id, rest))
+                raise
             if failed:
                 await store.mark_due_now(campaign_id, failed)
             if entries:

@@ -246,6 +246,23 @@ def main(verbose: int) -> None:
 SEND_WAIT_S = 300
 
 
+AT_HELP = (
+    "Send at TIME, ISO-8601 with an offset (2025-06-01T09:00:00+02:00 or ...Z); default "
+    "now. Stored now, sent then by the workers (survives their restarts)."
+)
+
+
+def _send_at(value: str | None, settings: Settings) -> float | None:
+    """--at as Unix time (None: now); a bad one is a usage error naming --at."""
+    from ses_tasks.produce.options import parse_send_at
+
+    try:
+        at_ms = parse_send_at(value, retention_s=settings.retention_s)
+    except ValidationError as exc:
+        raise ValidationError("--at", exc.problem) from None
+    return None if at_ms is None else at_ms / 1000
+
+
 @main.command()
 @click.option("--from", "from_", required=True, help="Sender, 'Name <addr>' allowed.")
 @click.option("--to", multiple=True, required=True, help="Recipient (repeat for several).")
@@ -258,7 +275,10 @@ SEND_WAIT_S = 300
 @click.option("--idempotency-key", help="Enqueue the same key twice, send once.")
 @click.option("--direct", is_flag=True, help="Send now through the pool, without the queue.")
 @click.option("--profile", default="", help=PROFILE_HELP)
-@click.option("--wait", is_flag=True, help=f"Wait (up to {SEND_WAIT_S} s) for the final state.")
+@click.option("--at", "send_at", metavar="TIME", help=AT_HELP)
+@click.option(
+    "--wait", is_flag=True, help=f"Wait (up to {SEND_WAIT_S} s after --at) for the final state."
+)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def send(
     from_: str,
@@ -272,6 +292,7 @@ def send(
     idempotency_key: str | None,
     direct: bool,
     profile: str,
+    send_at: str | None,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -293,6 +314,9 @@ def send(
     }
     watch = _PublishWatch()
     client = _client(watch=watch)
+    if direct and send_at:
+        raise click.UsageError("--at cannot be used with --direct (a direct send is now)")
+    at = _send_at(send_at, client.settings)  # exit 2 before the broker is checked
     if direct:
         from ses_tasks.ops.direct import send_direct
 
@@ -304,9 +328,9 @@ def send(
         return
     client.build_message(profile=profile, **fields)  # invalid input: exit 2, broker or not
     _check_broker(client)
-    handle = client.send_email(profile=profile, **fields)
+    handle = client.send_email(profile=profile, send_at=send_at, **fields)
     try:
-        _report_sent(handle, watch, wait=wait, as_json=as_json)
+        _report_sent(handle, watch, wait=wait, as_json=as_json, send_at=at)
     finally:
         _release(handle)
 
@@ -318,7 +342,9 @@ def _release(result: Any) -> None:
     result.backend = None
 
 
-def _report_sent(handle: Any, watch: _PublishWatch, *, wait: bool, as_json: bool) -> None:
+def _report_sent(
+    handle: Any, watch: _PublishWatch, *, wait: bool, as_json: bool, send_at: float | None = None
+) -> None:
     for exc in watch.failures[-1:]:
         # Recorded, so not lost: the workers' sweeper publishes it once the broker is back.
         click.echo(
@@ -328,15 +354,19 @@ def _report_sent(handle: Any, watch: _PublishWatch, *, wait: bool, as_json: bool
             err=True,
         )
     if not wait:
-        _print_json({"id": handle.message_id}) if as_json else click.echo(handle.message_id)
+        if as_json:
+            _print_json({"id": handle.message_id, **({"send_at": send_at} if send_at else {})})
+        else:
+            click.echo(handle.message_id)
         return
     from celery.exceptions import TimeoutError as ResultTimeout
 
+    timeout_s = SEND_WAIT_S + max(0.0, (send_at or 0.0) - time.time())
     try:
-        record = handle.get(timeout=SEND_WAIT_S, propagate=False)
+        record = handle.get(timeout=timeout_s, propagate=False)
     except ResultTimeout:
         _fail(
-            f"message {handle.message_id} is not final after {SEND_WAIT_S} s (is a worker "
+            f"message {handle.message_id} is not final after {timeout_s:.0f} s (is a worker "
             "running for its queue?)",
             EXIT_FAILURE,
         )
@@ -390,6 +420,7 @@ def campaign() -> None:
     help="Share of the rate against other running campaigns (2 = twice a campaign of 1).",
 )
 @click.option("--profile", default="", help=PROFILE_HELP)
+@click.option("--at", "send_at", metavar="TIME", help=AT_HELP)
 @click.option("--wait", is_flag=True, help="Show progress until every message is final.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def campaign_send(
@@ -406,11 +437,17 @@ def campaign_send(
     resume: bool,
     weight: float,
     profile: str,
+    send_at: str | None,
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Enqueue a campaign; prints its id. With --wait, exits 1 unless it completed."""
+    """Enqueue a campaign; prints its id. With --wait, exits 1 unless it completed.
+
+    With --at it is stored now and nothing of it is sent before TIME (pause, resume and
+    cancel work meanwhile); a resumed enqueue keeps the schedule it was created with.
+    """
     from ses_tasks.ops.progress import enqueue_progress, wait_progress
+    from ses_tasks.produce.options import format_epoch
 
     if resume and not campaign_id:
         raise click.UsageError("--resume needs --id (the campaign to continue)")
@@ -425,6 +462,7 @@ def campaign_send(
         options["tags"] = dict(_parse_tag(t) for t in tags)
     text, html = _read(text_file, "text"), _read(html_file, "html")
     client = _client()
+    _send_at(send_at, client.settings)  # a bad --at: exit 2, naming it, before anything
     quiet = as_json or not sys.stderr.isatty()
     with enqueue_progress(Path(recipients), quiet=quiet) as advance:
         status = client.send_campaign(
@@ -438,12 +476,16 @@ def campaign_send(
             resume=resume,
             weight=weight,
             profile=profile,
+            send_at=send_at,
             **options,
         )
+    if status.scheduled and not quiet:
+        click.echo(f"{status.id}: scheduled for {format_epoch(status.send_at or 0)}", err=True)
     if wait:
         status = wait_progress(client, status.id, quiet=quiet)
     if as_json:
-        _print_json(status.to_dict() if wait else {"id": status.id, "total": status.total})
+        brief = {"id": status.id, "total": status.total, "send_at": status.send_at}
+        _print_json(status.to_dict() if wait else brief)
     else:
         click.echo(status.id)
         if wait:

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ses_tasks.ops.schedule import ScheduledCampaign, format_eta
+from ses_tasks.produce.options import format_epoch
 from ses_tasks.store.tracking import COUNTERS, CampaignStatus
 
 __all__ = ["enqueue_progress", "schedule_table", "status_table", "wait_progress"]
@@ -87,8 +88,12 @@ def wait_progress(
 
 
 def status_table(status: CampaignStatus, planned: ScheduledCampaign | None = None) -> None:
-    table = Table(title=f"campaign {status.id}: {status.state.value}", show_header=False)
+    waiting = " (scheduled)" if status.scheduled else ""
+    table = Table(title=f"campaign {status.id}: {status.state.value}{waiting}", show_header=False)
     table.add_row("total", str(status.total))
+    if status.send_at is not None:
+        when = format_epoch(status.send_at)
+        table.add_row("send at", f"{when} (nothing sent before)" if status.scheduled else when)
     for name in COUNTERS:
         table.add_row(name, str(status.counts.get(name, 0)))
     table.add_row("swept", f"{status.swept} batches republished by the sweeper")
@@ -113,7 +118,9 @@ def schedule_table(planned: list[ScheduledCampaign], rates: dict[str, float]) ->
         s = p.status
         table.add_row(
             s.id,
-            s.state.value,
+            f"{s.state.value}, starts {format_epoch(s.send_at or 0)}"
+            if s.scheduled
+            else s.state.value,
             s.meta.get("profile") or "default",
             f"{p.weight:g}",
             f"{p.share:.0%}",

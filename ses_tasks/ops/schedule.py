@@ -2,7 +2,8 @@
 
 Each running campaign gets ``weight / sum of weights`` of its sender profile's effective
 rate (the dispatcher and the limiter enforce that split), so its ETA is its open messages
-over its share. Paused campaigns get no share; a campaign alone gets the whole rate.
+over its share. Paused campaigns, and scheduled ones still waiting for their ``send_at``,
+get no share; a campaign alone gets the whole rate.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ScheduledCampaign:
             "eta_at": None if self.eta_s is None else round(time.time() + self.eta_s, 1),
             "stored_batches": self.stored_batches,
             "in_flight_batches": self.in_flight_batches,
+            "send_at": s.send_at,
+            "scheduled": s.scheduled,
         }
 
 
@@ -77,14 +80,15 @@ def fleet_schedule(store: StatusStore, rates: dict[str, float]) -> list[Schedule
             statuses.append(status)
     weights: dict[str, float] = {}
     for s in statuses:
-        if s.state in SENDING:
+        if s.state in SENDING and not s.scheduled:
             profile = s.meta.get("profile", "")
             weights[profile] = weights.get(profile, 0.0) + weight_of(s)
     out = []
     for s in statuses:
         weight, profile = weight_of(s), s.meta.get("profile", "")
         total_weight = weights.get(profile, 0.0)
-        share = weight / total_weight if s.state in SENDING and total_weight else 0.0
+        sending = s.state in SENDING and not s.scheduled
+        share = weight / total_weight if sending and total_weight else 0.0
         rate = rates.get(profile, 0.0) * share
         eta = s.open / rate if rate > 0 else None
         in_flight = store.in_flight(s.id)

@@ -125,6 +125,14 @@ class BatchJob:
     #: The sender profile that sends it ('' is the unnamed default).
     profile: str = ""
 
+    @property
+    def single(self) -> bool:
+        """A single message (``send_email``), whichever lane it takes (``priority``): it
+        keeps no row, reports its record, reuses its message id for its follow-ups, is
+        deferred (not parked) while the standing campaign is paused, and a sender refusal
+        or a fatal endpoint error fails or defers it instead of pausing the campaign."""
+        return self.campaign_id == TRANSACTIONAL
+
     def message_id(self, item: BatchItem) -> str:
         return f"{self.campaign_id}.{item.seq}"
 
@@ -561,12 +569,12 @@ class _Run:
         row = None
         # A campaign's row (recipient and variables) lets retry-failed requeue it; a
         # transactional message's row would be its whole body, which is never kept.
-        if keep_row and self.job.priority is Priority.BULK:
+        if keep_row and not self.job.single:
             row = item.to_json()
         # Still held (and renewed) until the record is written.
         self.pending.append(Transition(mid, state, code, reason, ses_message_id, row=row))
         self.outcome_known.add(mid)
-        if self.job.priority is Priority.TRANSACTIONAL:
+        if self.job.single:
             self.report.record = {
                 "message_id": mid,
                 "state": state.value,
@@ -705,7 +713,7 @@ class _Run:
             self.unsent = [r.item for r in ready[started:] if r.message_id not in self.lost]
 
     def _must_stop(self) -> bool:
-        if self.campaign_state in STOP_STATES and self.job.priority is Priority.BULK:
+        if self.campaign_state in STOP_STATES and not self.job.single:
             return True
         if self.campaign_state is CampaignState.PAUSED:
             return True  # a paused transactional campaign defers its messages
@@ -722,7 +730,7 @@ class _Run:
     async def _take_tokens(self, weight: int, priority: Priority) -> bool:
         rt, s = self.rt, self.rt.settings
         # Bulk names its campaign: the limiter holds each campaign to its fair share.
-        campaign = self.job.campaign_id if priority is Priority.BULK else ""
+        campaign = self.job.campaign_id if not self.job.single and priority is Priority.BULK else ""
         try:
             decision = await persist(
                 "quota", lambda: rt.quota.try_consume(weight), budget_s=self.hot_budget_s
@@ -795,7 +803,7 @@ class _Run:
             # only what is sent from it stops. Transactional mail fails (PERMANENT: final,
             # not retried); a campaign is paused and this message held back with the rest.
             reason = f"sender identity {result.identity} refused: {result.code} {result.reason}"
-            if self.job.priority is not Priority.TRANSACTIONAL:
+            if not self.job.single:
                 self.identity_reason = self.identity_reason or reason
                 self.fatal_items.append(item)
                 return
@@ -824,7 +832,7 @@ class _Run:
         self, items: list[BatchItem], delay_s: float, why: str, *, stored: bool = False
     ) -> LedgerEntry:
         job = self.job
-        if job.priority is Priority.TRANSACTIONAL:
+        if job.single:
             batch_id = self.mid(items[0])  # a single message's entry is its message id
             stored = False
         else:
@@ -837,7 +845,7 @@ class _Run:
 
     async def settle(self, *, done: bool = True) -> None:
         job, policy, s = self.job, self.policy, self.rt.settings
-        transactional = job.priority is Priority.TRANSACTIONAL
+        transactional = job.single
         release: list[str] = []
         entries: list[LedgerEntry] = []
         self.unsent = self.fatal_items + self.unsent
@@ -933,7 +941,7 @@ class _Run:
     ) -> None:
         """Messages claimed but not sent: park, cancel, defer or hand back; never drop."""
         state = self.campaign_state
-        if state is CampaignState.CANCELLED and self.job.priority is Priority.BULK:
+        if state is CampaignState.CANCELLED and not self.job.single:
             for item in items:
                 self._record(item, MessageState.CANCELLED, 0, "campaign cancelled")
             return
@@ -969,7 +977,7 @@ class _Run:
         claimed: bool,
     ) -> None:
         job = self.job
-        if job.priority is Priority.TRANSACTIONAL:
+        if job.single:
             reason = "transactional mail paused; retrying"
             for item in items:
                 self._record(item, MessageState.DEFERRED, 0, reason)

@@ -174,6 +174,13 @@ CASES = [
         "recipients: no 'email' column",
     ),
     Case("bad-tag", [*CAMPAIGN, "--recipients", "{recipients}", "--tag", "x"], 2, "--tag"),
+    Case("send-at-naive", [*SEND_TEXT, "--at", "2030-01-01T09:00:00"], 2, "--at"),
+    Case(
+        "campaign-at-unparsable",
+        [*CAMPAIGN, "--recipients", "{recipients}", "--at", "tomorrow"],
+        2,
+        "--at",
+    ),
     Case(
         "resume-without-id",
         [*CAMPAIGN, "--recipients", "{recipients}", "--resume"],
@@ -437,7 +444,7 @@ def test_json_prints_exactly_one_document_on_stdout(make_pipeline, files, tmp_pa
     assert cli_json(*send, "--wait")["state"] == "sent"
     assert cli_json(*send, "--direct")["state"] == "sent"
     common = [*CAMPAIGN, "--text", files["body"], "--recipients", str(recipients)]
-    assert cli_json(*common, "--id", "j1") == {"id": "j1", "total": 5}
+    assert cli_json(*common, "--id", "j1") == {"id": "j1", "total": 5, "send_at": None}
     final = cli_json(*common, "--id", "j2", "--wait")
     assert (final["id"], final["state"], final["sent"]) == ("j2", "completed", 5), final
     assert cli_json("campaign", "status", "j2")["state"] == "completed"

@@ -3,9 +3,8 @@
 It takes tokens in the limiter's bulk lane and travels on the bulk queue, and it stays a
 single message in every other way: no row kept, a sender refusal fails it (it does not
 pause the standing campaign), a pause defers it and a fatal endpoint error retries it, and
-its record is the batch's report. The last four need ``delivery.py`` to tell "a single
-message" (``campaign_id == TRANSACTIONAL``) from "the transactional lane" (``priority``);
-until it does they are marked ``xfail(strict=True)``, so the change that fixes them shows.
+its record is the batch's report: ``BatchJob.single`` (``campaign_id == TRANSACTIONAL``)
+tells "a single message" apart from "the transactional lane" (``priority``).
 """
 
 from __future__ import annotations
@@ -27,11 +26,6 @@ from ses_tasks.states import CampaignState, MessageState, Outcome
 from ses_tasks.worker.delivery import BatchItem, BatchJob, deliver
 
 from .test_delivery import FakeLimiter, make_runtime, sync_store
-
-NEEDS_DELIVERY_SPLIT = pytest.mark.xfail(
-    strict=True,
-    reason="delivery.py treats priority=bulk as a campaign batch; needs BatchJob.single",
-)
 
 
 @dataclass
@@ -112,14 +106,12 @@ def test_a_failed_bulk_single_message_keeps_no_body(server):
     assert record.state is MessageState.FAILED and record.row is None
 
 
-@NEEDS_DELIVERY_SPLIT
 def test_a_bulk_single_message_reports_its_record(server):
     rt = runtime(server, SENT)
     report = asyncio.run(deliver(rt, bulk_single(server)))
     assert report.record is not None and report.record["state"] == "sent"
 
 
-@NEEDS_DELIVERY_SPLIT
 def test_a_refused_sender_fails_a_bulk_single_message_without_pausing_the_others(server):
     rt = runtime(server, REFUSED)
     job = bulk_single(server)
@@ -129,7 +121,6 @@ def test_a_refused_sender_fails_a_bulk_single_message_without_pausing_the_others
     assert store.campaign_status(TRANSACTIONAL).state is not CampaignState.PAUSED
 
 
-@NEEDS_DELIVERY_SPLIT
 def test_a_fatal_endpoint_error_defers_a_bulk_single_message_without_pausing_the_others(
     server,
 ):
@@ -142,7 +133,6 @@ def test_a_fatal_endpoint_error_defers_a_bulk_single_message_without_pausing_the
     assert [f.job.batch_id for f in report.follow_ups] == [job.batch_id]
 
 
-@NEEDS_DELIVERY_SPLIT
 def test_a_paused_standing_campaign_defers_a_bulk_single_message_and_retries_it(server):
     store = sync_store(server)
     job = bulk_single(server)

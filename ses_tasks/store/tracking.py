@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from ses_tasks.errors import CampaignError
 from ses_tasks.keys import CAMPAIGN_ID_RE, TRANSACTIONAL, Keys, campaign_of
 from ses_tasks.states import OPEN_STATES, CampaignState, ClaimDecision, MessageState
-from ses_tasks.store.scripts import tracking_script
+from ses_tasks.store.scripts import load_script, tracking_script
 from ses_tasks.store.suppression import lookup_fields
 
 __all__ = [
@@ -60,6 +60,7 @@ DISPATCH_LUA = tracking_script("ledger_dispatch.lua")
 ENQUEUE_ONE_LUA = tracking_script("tracking_enqueue_one.lua")
 TAKE_SCHEDULED_LUA = tracking_script("ledger_take_scheduled.lua")
 SCHEDULE_DUE_LUA = tracking_script("schedule_due.lua")
+DROP_TEMPLATE_LUA = load_script("campaign_drop_template.lua")
 #: Prefix of a scheduled campaign's start in the scheduled index (message ids have none).
 START_PREFIX = "start:"
 
@@ -901,6 +902,7 @@ class AsyncStatusStore(_Base):
         self._dispatch = client.register_script(DISPATCH_LUA)
         self._take_scheduled = client.register_script(TAKE_SCHEDULED_LUA)
         self._schedule_due = client.register_script(SCHEDULE_DUE_LUA)
+        self._drop_template = client.register_script(DROP_TEMPLATE_LUA)
 
     async def claim(
         self,
@@ -1117,6 +1119,11 @@ class AsyncStatusStore(_Base):
             await self.redis.zadd(self.keys.active(), {campaign_id: 0})
             return False
         return True
+
+    async def drop_template_if_done(self, campaign_id: str) -> bool:
+        """Delete the campaign's bodies once it completed with nothing to retry."""
+        keys = [self.keys.campaign(campaign_id), self.keys.template(campaign_id)]
+        return bool(await self._drop_template(keys=keys))
 
     async def mark_due_now(self, campaign_id: str, batch_ids: Sequence[str]) -> None:
         if batch_ids:

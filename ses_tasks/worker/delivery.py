@@ -924,6 +924,19 @@ class _Run:
         observe.transitions_recorded(self.job, batch)
         self.report.recorded += len(batch)
         self.campaign_state = state
+        if state is CampaignState.COMPLETED and not job.single:
+            await self._drop_template()
+
+    async def _drop_template(self) -> None:
+        """Privacy: the campaign's bodies go once nothing can be sent with them (best
+        effort: left behind, they expire with the campaign at RETENTION_S)."""
+        drop = getattr(self.rt.store, "drop_template_if_done", None)
+        if drop is None:
+            return
+        try:
+            await persist("drop template", lambda: drop(self.job.campaign_id), budget_s=2.0)
+        except StoreUnavailableError as exc:
+            log.warning("campaign %s: template not dropped (%s)", self.job.campaign_id, exc)
 
     async def _best_effort_pause(self, reason: str, *, kind: str = "endpoint") -> None:
         try:

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,8 +42,8 @@ from ses_tasks.ops import metrics
 
 __all__ = [
     "CERT_CACHE_SIZE",
-    "CERT_FETCHES_PER_MINUTE",
     "DEFAULT_FETCH_TIMEOUT_S",
+    "FAILED_FETCH_TTL_S",
     "NOTIFICATION",
     "SUBSCRIPTION_CONFIRMATION",
     "UNSUBSCRIBE_CONFIRMATION",
@@ -70,8 +70,12 @@ MAX_FETCH_BYTES = 64 * 1024
 #: Public keys kept per process. SNS uses one certificate per region at a time (a few during
 #: a rotation), so a small LRU holds every real one and forged URLs cannot grow it.
 CERT_CACHE_SIZE = 16
-#: Certificates not in the cache fetched per minute at most; more are refused as retryable.
-CERT_FETCHES_PER_MINUTE = 10
+#: A certificate URL whose fetch failed is not fetched again for this long (a forged URL
+#: costs one fetch, not one per post). There is no overall fetch budget: forged posts could
+#: spend it and block a genuine new certificate (after a start or an SNS rotation).
+FAILED_FETCH_TTL_S = 600.0
+#: Failed certificate URLs remembered per process.
+FAILED_FETCH_CACHE_SIZE = 256
 #: A Timestamp this far in the future is refused (SNS stamps its own clock; allows for skew).
 MAX_FUTURE_SKEW_S = 900.0
 #: SNS MessageIds are UUIDs; anything much longer is not from SNS.
@@ -100,7 +104,7 @@ _SNS_HOST_RE = re.compile(
 )
 _CERT_PATH_RE = re.compile(r"/SimpleNotificationService-[0-9a-fA-F]{1,64}\.pem")
 #: Refusals SNS should retry (5xx): the certificate could not be had right now.
-_RETRYABLE = frozenset({"cert_fetch", "cert_fetch_budget"})
+_RETRYABLE = frozenset({"cert_fetch"})
 
 #: ``fetch(url) -> body``: how certificates and SubscribeURLs are retrieved.
 Fetcher = Callable[[str], bytes]
@@ -197,6 +201,17 @@ def _split_sns_url(url: Any, what: str, code: str) -> Any:
     if parts.fragment or "#" in url:
         raise SnsVerificationError(f"{what} has a fragment: refused", code=code)
     return parts
+
+
+def _check_same_region(cert_url: str, topic_arn: str) -> None:
+    """SNS signs with its own region's certificate: any other region's URL is forged."""
+    host = urlsplit(cert_url).netloc.lower()
+    region = host.split(".")[1] if host.count(".") >= 2 else ""
+    parts = topic_arn.split(":")
+    if len(parts) < 6 or parts[3] != region:
+        raise SnsVerificationError(
+            f"SigningCertURL region {clip(region)} is not the TopicArn's region", code="cert_url"
+        )
 
 
 def check_cert_url(url: Any) -> str:
@@ -296,19 +311,18 @@ class SnsVerifier:
         fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
         cache_size: int = CERT_CACHE_SIZE,
-        fetches_per_minute: int = CERT_FETCHES_PER_MINUTE,
     ) -> None:
-        if cache_size < 1 or fetches_per_minute < 1:
-            raise ValueError("cache_size and fetches_per_minute must be at least 1")
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
         self.fetcher = fetcher or urllib_fetcher(timeout_s=fetch_timeout_s)
         self.allowed_topic_arns = frozenset(allowed_topic_arns)
         self.allow_any_topic = allow_any_topic
         self.max_age_s = max_age_s
         self.clock = clock
         self.cache_size = cache_size
-        self.fetches_per_minute = fetches_per_minute
         self._keys: OrderedDict[str, rsa.RSAPublicKey] = OrderedDict()
-        self._fetch_times: deque[float] = deque()
+        #: URL -> when its failed fetch may be tried again (monotonic).
+        self._failed: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._warned = False
 
@@ -379,6 +393,7 @@ class SnsVerifier:
             raise SnsVerificationError("Signature is not base64", code="signature") from None
         data = canonical_string(envelope)
         cert_url = check_cert_url(envelope.get("SigningCertURL"))
+        _check_same_region(cert_url, topic)
         key = self._public_key(cert_url)
         try:
             key.verify(raw_signature, data, padding.PKCS1v15(), _HASHES[version]())
@@ -416,16 +431,30 @@ class SnsVerifier:
             if cached is not None:
                 self._keys.move_to_end(url)
                 return cached
-            now = time.monotonic()
-            while self._fetch_times and now - self._fetch_times[0] >= 60.0:
-                self._fetch_times.popleft()
-            if len(self._fetch_times) >= self.fetches_per_minute:
+            retry_at = self._failed.get(url)
+            if retry_at is not None and time.monotonic() < retry_at:
                 raise SnsVerificationError(
-                    f"more than {self.fetches_per_minute} new signing certificates a minute:"
-                    " not fetched",
-                    code="cert_fetch_budget",
+                    f"{url}: its certificate could not be fetched a moment ago: not fetched",
+                    code="cert_fetch",
                 )
-            self._fetch_times.append(now)
+        try:
+            key = self._fetch_key(url)
+        except SnsVerificationError:
+            with self._lock:
+                self._failed[url] = time.monotonic() + FAILED_FETCH_TTL_S
+                self._failed.move_to_end(url)
+                while len(self._failed) > FAILED_FETCH_CACHE_SIZE:
+                    self._failed.popitem(last=False)
+            raise
+        with self._lock:
+            self._failed.pop(url, None)
+            self._keys[url] = key
+            self._keys.move_to_end(url)
+            while len(self._keys) > self.cache_size:
+                self._keys.popitem(last=False)
+        return key
+
+    def _fetch_key(self, url: str) -> rsa.RSAPublicKey:
         try:
             pem = self.fetcher(url)
         except SnsVerificationError as exc:
@@ -439,11 +468,6 @@ class SnsVerifier:
         key = cert.public_key()
         if not isinstance(key, rsa.RSAPublicKey):
             raise SnsVerificationError(f"{url}: not an RSA certificate", code="cert_invalid")
-        with self._lock:
-            self._keys[url] = key
-            self._keys.move_to_end(url)
-            while len(self._keys) > self.cache_size:
-                self._keys.popitem(last=False)
         return key
 
     def confirm_subscription(self, message: SnsMessage) -> None:

@@ -395,7 +395,6 @@ FEEDBACK_REFUSAL_REASONS = frozenset(
         "signature",
         "cert_url",
         "cert_fetch",
-        "cert_fetch_budget",
         "cert_invalid",
         "confirm",
         "other",

@@ -1,6 +1,6 @@
 """The SNS lock-down without Redis: the topic allow-list, checks that run before any
-certificate fetch, the canonical certificate URL, the bounded key cache and fetch budget, the
-refusal counter, and the settings that switch it all on.
+certificate fetch, the canonical certificate URL of the topic's region, the bounded key
+cache and failed-fetch memory, the refusal counter, and the settings that switch it on.
 
 Every envelope is really signed (RSA key and certificate from ``cryptography``, the string to
 sign SNS documents), so each refusal is owed to the check under test, not to a bad signature:
@@ -26,7 +26,6 @@ from ses_tasks.feedback.settings import (
 )
 from ses_tasks.feedback.sns import (
     CERT_CACHE_SIZE,
-    CERT_FETCHES_PER_MINUTE,
     SnsMessage,
     SnsVerificationError,
     SnsVerifier,
@@ -232,9 +231,13 @@ def test_non_canonical_certificate_urls_are_refused_without_a_fetch(
         "https://sns.cn-northwest-1.amazonaws.com.cn/SimpleNotificationService-abc.pem",
     ],
 )
-def test_canonical_certificate_urls_are_fetched_and_verify(signer, fetcher, verifier, url):
+def test_canonical_certificate_urls_are_fetched_and_verify(signer, fetcher, url):
+    region = url.split(".")[1]  # each topic is signed by its own region's certificate
+    partition = "aws-cn" if region.startswith("cn-") else "aws-us-gov" if "gov" in region else "aws"
+    topic = f"arn:{partition}:sns:{region}:123456789012:ses-feedback"
+    verifier = SnsVerifier(fetcher=fetcher, allowed_topic_arns=[topic])
     signer.hosted[url] = signer.cert_pem
-    verifier.verify(signer.notification("x", cert_url=url))
+    verifier.verify(signer.notification("x", cert_url=url, topic_arn=topic))
     assert fetcher.calls == [url]
 
 
@@ -243,9 +246,7 @@ def test_canonical_certificate_urls_are_fetched_and_verify(signer, fetcher, veri
 
 def test_the_key_cache_is_a_small_lru(signer, fetcher):
     assert CERT_CACHE_SIZE == 16
-    verifier = SnsVerifier(
-        fetcher=fetcher, allowed_topic_arns=[DEFAULT_TOPIC_ARN], fetches_per_minute=1000
-    )
+    verifier = SnsVerifier(fetcher=fetcher, allowed_topic_arns=[DEFAULT_TOPIC_ARN])
     urls = [f"{CERT_BASE}{i:032x}.pem" for i in range(CERT_CACHE_SIZE + 8)]
     for url in urls:
         signer.hosted[url] = signer.cert_pem
@@ -262,18 +263,31 @@ def test_the_key_cache_is_a_small_lru(signer, fetcher):
     assert verifier.cached_certificates == CERT_CACHE_SIZE
 
 
-def test_new_certificates_are_fetched_a_few_times_a_minute_at_most(signer, fetcher, verifier):
-    before = refused("cert_fetch_budget")
-    for i in range(CERT_FETCHES_PER_MINUTE):
-        with pytest.raises(SnsVerificationError, match="cannot fetch") as info:
-            verifier.verify(signer.notification("x", cert_url=f"{CERT_BASE}{i:x}.pem"))
+def test_a_failed_certificate_url_is_not_fetched_again_soon(signer, fetcher, verifier):
+    for _ in range(3):
+        with pytest.raises(SnsVerificationError) as info:
+            verifier.verify(signer.notification("x", cert_url=f"{CERT_BASE}dead.pem"))
         assert info.value.code == "cert_fetch" and info.value.retryable
-    assert len(fetcher.calls) == CERT_FETCHES_PER_MINUTE
-    with pytest.raises(SnsVerificationError, match="a minute") as info:
-        verifier.verify(signer.notification("x", cert_url=f"{CERT_BASE}ffff.pem"))
-    assert info.value.code == "cert_fetch_budget" and info.value.retryable
-    assert len(fetcher.calls) == CERT_FETCHES_PER_MINUTE  # the last one was not fetched
-    assert refused("cert_fetch_budget") == before + 1
+    assert fetcher.calls == [f"{CERT_BASE}dead.pem"]  # one fetch, not one per post
+
+
+def test_forged_posts_never_block_a_genuine_new_certificate(signer, fetcher, verifier):
+    """No overall fetch budget: many forged URLs, then the genuine one is still fetched."""
+    for i in range(50):
+        with pytest.raises(SnsVerificationError):
+            verifier.verify(signer.notification("x", cert_url=f"{CERT_BASE}{i:x}.pem"))
+    genuine = f"{CERT_BASE}feedface.pem"
+    signer.hosted[genuine] = signer.cert_pem
+    verifier.verify(signer.notification("x", cert_url=genuine))
+    assert fetcher.calls[-1] == genuine
+
+
+def test_a_certificate_of_another_region_is_refused_before_any_fetch(signer, fetcher, verifier):
+    other = "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-abc.pem"
+    assert ":us-east-1:" in DEFAULT_TOPIC_ARN
+    with pytest.raises(SnsVerificationError, match="region") as info:
+        verifier.verify(signer.notification("x", cert_url=other))
+    assert info.value.code == "cert_url" and fetcher.calls == []
 
 
 # Subscription confirmations -----------------------------------------------------------------

@@ -81,7 +81,9 @@ def _takes_bulk() -> bool:
 @worker_process_init.connect
 def _warm_up(**_: Any) -> None:
     runtime = get_runtime()
-    runtime.consumed_queues = tuple(getattr(app.amqp.queues, "consume_from", None) or ())
+    # Without -Q (e.g. `celery -A ...`) a worker consumes every declared queue.
+    queues = app.amqp.queues
+    runtime.consumed_queues = tuple(getattr(queues, "consume_from", None) or queues)
     if not _takes_bulk():  # a transactional-only worker adds nothing to the bulk window
         runtime.bulk_capacity = 0
     runtime.start_fleet_loops(lambda job: _publish(runtime, job, 0.0))

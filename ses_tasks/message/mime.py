@@ -576,24 +576,7 @@ class Layout:
             inner = _HTML_TYPE + _CTE[html_part[0]] + CRLF + html_part[1]
         else:  # pragma: no cover - callers guarantee a body
             raise ValidationError("text", "a message needs a text or an html body")
-        if not self.attachment_parts:
-            return inner
-        mixed = self.mixed_boundary
-        return b"".join(
-            (
-                b'Content-Type: multipart/mixed;\r\n boundary="',
-                mixed,
-                b'"\r\n\r\n--',
-                mixed,
-                CRLF,
-                inner,
-                CRLF,
-                self.attachment_parts,
-                b"--",
-                mixed,
-                b"--\r\n",
-            )
-        )
+        return self._wrap_mixed(inner)
 
     def _assemble_nested(
         self, text_part: tuple[bytes, bytes] | None, html_part: tuple[bytes, bytes] | None

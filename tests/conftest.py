@@ -102,7 +102,7 @@ class Pipeline:
             raise
 
     def accepted(self, *, at_least: int, timeout_s: float = 15) -> list[dict[str, Any]]:
-        """The sandbox's store once it holds ``at_least`` messages (it flushes in batches)."""
+        """The sandbox's store once it holds ``at_least`` messages (written before each 250)."""
 
         def enough() -> list[dict[str, Any]] | None:
             accepted = self.sandbox.accepted()

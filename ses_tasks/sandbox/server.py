@@ -59,7 +59,7 @@ class Sandbox:
         tls = server_tls_context(
             certs, min_version=cfg.tls_min_version, max_version=cfg.tls_max_version
         )
-        store = JsonlWriter(cfg.store_path) if cfg.store_path is not None else None
+        store = JsonlWriter(cfg.store_path, batch_lines=1) if cfg.store_path is not None else None
         events = JsonlWriter(cfg.events_path) if cfg.events_path is not None else None
         runtime = Runtime(cfg, self.faults, store=store, events=events)
         self._runtime = runtime

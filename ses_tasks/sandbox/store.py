@@ -1,7 +1,8 @@
 """What the sandbox accepted, in memory and as append-only JSONL.
 
-Lines are buffered and written in batches (by size, and by the sandbox's periodic flush),
-so recording a message on the hot path costs one ``json.dumps`` and a list append.
+The accepted-message store is written through: a message is on disk before the client
+sees ``250 Ok``, so a reader never finds a message acknowledged but missing. The events
+log is diagnostic and is written in batches (by size, and by the sandbox's periodic flush).
 Message bytes are stored as text with ``surrogateescape``: JSON escapes the stray bytes
 and :func:`read_messages` gives back the exact bytes.
 """

@@ -57,6 +57,10 @@ class Keys:
         """Batches handed to the broker and not yet settled: the campaign's used credits."""
         return f"{self.prefix}:c:{{{campaign_id}}}:dispatched"
 
+    def timeline(self, campaign_id: str, hour: int) -> str:
+        """One hour of the campaign's sent/failed buckets (``hour``: Unix seconds // 3600)."""
+        return f"{self.prefix}:c:{{{campaign_id}}}:tl:{hour}"
+
     def message_prefix(self, campaign_id: str) -> str:
         return f"{self.prefix}:m:{{{campaign_id}}}:"
 

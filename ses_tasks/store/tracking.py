@@ -15,7 +15,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from ses_tasks.keys import CAMPAIGN_ID_RE, TRANSACTIONAL, Keys, campaign_of
 from ses_tasks.states import OPEN_STATES, CampaignState, ClaimDecision, MessageState
 from ses_tasks.store.scripts import load_script, tracking_script
 from ses_tasks.store.suppression import lookup_fields
+from ses_tasks.store.timeline import KEEP_HOURS, bucket_start
 
 __all__ = [
     "COUNTERS",
@@ -363,6 +364,8 @@ class _Base:
         self.retention_s = retention_s
         #: A ledger entry nobody settled is republished this long after its due time.
         self.redeliver_after_ms = int(redeliver_after_s * 1000)
+        #: Picks the timeline bucket ``finish`` records into (tests pin it to an instant).
+        self.clock: Callable[[], float] = time.time
 
     def ttl_for(self, send_at_ms: int | None) -> int:
         """Retention of what waits for ``send_at``: the retention counts from then."""
@@ -422,6 +425,8 @@ class _Base:
             + self._message_keys(campaign_id, settle.release)
             + [self.keys.backlog(campaign_id)]
         )
+        bucket = bucket_start(self.clock())
+        keys.append(self.keys.timeline(campaign_id, bucket // 3600))
         argv: list[Any] = [
             self.retention_s,
             "requeue" if requeue else "normal",
@@ -431,6 +436,8 @@ class _Base:
             settle.done_batch,
             len(settle.follow_ups),
             self.redeliver_after_ms,
+            bucket,
+            KEEP_HOURS * 3600,
         ]
         single = campaign_id == TRANSACTIONAL
         for outcome in outcomes:

@@ -2,10 +2,12 @@
 -- ledger, atomically with the counters.
 -- KEYS[1] campaign hash, KEYS[2] not-sent set, KEYS[3] batch ledger hash, KEYS[4] ledger
 -- due zset, KEYS[5..] message hashes: first one per transition, then one per release,
--- then the backlog zset (follow-ups with delay -1 go there, for the dispatcher)
+-- then the backlog zset (follow-ups with delay -1 go there, for the dispatcher), then the
+-- timeline hash of the caller's current hour (store/timeline.py)
 -- ARGV[1] retention s, ARGV[2] "normal" | "requeue", ARGV[3] lease token ('' = any),
 -- ARGV[4] transition count T, ARGV[5] release count R, ARGV[6] batch id done ('' none),
--- ARGV[7] follow-up count F, ARGV[8] publish grace ms,
+-- ARGV[7] follow-up count F, ARGV[8] publish grace ms, ARGV[9] timeline bucket start
+-- (Unix s, the caller's clock), ARGV[10] timeline TTL s,
 -- then T groups of 5: new state, code, reason, ses message id, row json;
 -- then F groups of 3: follow-up batch id, payload json, delay ms (-1: to the backlog, for
 -- the dispatcher; -2: due now, for the scheduler and the sweeper).
@@ -15,14 +17,17 @@
 -- we sent it. Releases put our own "sending" messages back to "queued". Follow-ups enter
 -- the ledger (due after their delay plus the publish grace, so the sweeper republishes
 -- one whose publish is lost) in the same step that removes the finished batch.
+-- The timeline counts the messages that became sent or failed here (not a no-op rewrite
+-- of a state already held), so its sent total matches the sent counter's moves.
 -- Returns {campaign_state, applied, now_ms}.
 local now = now_ms()
 local camp = KEYS[1]
 local ttl, mode, token = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local nt, nr, done, nf = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local grace = tonumber(ARGV[8])
-local applied = 0
-local a = 9
+local bucket, tl_ttl = ARGV[9], tonumber(ARGV[10])
+local applied, n_sent, n_failed = 0, 0, 0
+local a = 11
 for i = 1, nt do
   local key = KEYS[4 + i]
   local mid = string.match(key, '[^:]*$')
@@ -43,6 +48,8 @@ for i = 1, nt do
   end
   if allowed then
     move(camp, old, new)
+    if old ~= new and new == 'sent' then n_sent = n_sent + 1 end
+    if old ~= new and new == 'failed' then n_failed = n_failed + 1 end
     redis.call('HSET', key, 'state', new, 'code', code, 'reason', reason, 'updated_at', now)
     if ses_id ~= '' then redis.call('HSET', key, 'ses_message_id', ses_id) end
     if row ~= '' then redis.call('HSET', key, 'row', row) end
@@ -102,5 +109,11 @@ end
 if nf > 0 then
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[4], ttl)
+end
+if n_sent > 0 or n_failed > 0 then
+  local timeline = KEYS[6 + nt + nr]
+  if n_sent > 0 then redis.call('HINCRBY', timeline, bucket .. ':s', n_sent) end
+  if n_failed > 0 then redis.call('HINCRBY', timeline, bucket .. ':f', n_failed) end
+  redis.call('EXPIRE', timeline, tl_ttl)
 end
 return {check_completed(camp, now), applied, tostring(now)}

@@ -46,17 +46,21 @@ Adaptive rate (AIMD)
     ``recover_interval_s`` since the last change adds ``recover_per_s * recover_interval_s``
     recipients/s back, up to the configured rate; the acquire script applies it lazily from
     server time, so no background job is needed. Each change is logged at INFO (old and
-    new rate) by the worker whose call made it, and shown by ``status()``. Workers should
-    share one configuration per account: the configured rate travels with each call.
+    new rate) by the worker whose call made it, shown by ``status()``, and kept in a list
+    of the last ``CHANGES_KEPT`` changes (``recent_changes()``), written by the same script
+    that made the change. Workers should share one configuration per account: the
+    configured rate travels with each call.
 
-Keys: ``<key_prefix>:rate:{<account>}`` (one hash). The ``{account}`` hash tag puts it in
-the same Redis Cluster slot as the account's quota (``ses_tasks.limits.quota``).
+Keys: ``<key_prefix>:rate:{<account>}`` (one hash) and ``...:changes`` (the change list).
+The ``{account}`` hash tag puts them in the same Redis Cluster slot as the account's quota
+(``ses_tasks.limits.quota``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import re
@@ -77,6 +81,7 @@ if TYPE_CHECKING:
     from ses_tasks.config import Settings
 
 __all__ = [
+    "CHANGES_KEPT",
     "DEFAULT_BULK_LOOKAHEAD_S",
     "DEFAULT_DECREASE_FACTOR",
     "DEFAULT_MIN_RATE_SHARE",
@@ -85,9 +90,11 @@ __all__ = [
     "LimiterStatus",
     "LimiterUnavailableError",
     "Priority",
+    "RateChange",
     "RateLimitWaitExceeded",
     "YieldRequested",
     "load_lua",
+    "parse_change",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,6 +116,8 @@ DEFAULT_RECOVER_INTERVAL_S = 1.0
 YIELD_STANDS_S = 5.0
 #: Minimum life of the limiter's key once idle (it keeps the adaptive factor).
 MIN_STATE_TTL_S = 60.0
+#: Rate changes kept per account (the Lua prelude's CHANGES_KEPT).
+CHANGES_KEPT = 50
 
 #: Synchronous clients, refused: the limiter and the quota talk to Redis with asyncio only.
 SYNC_CLIENTS = (redis_sync.Redis, redis_sync.RedisCluster)
@@ -181,6 +190,34 @@ class LimiterStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class RateChange:
+    """One change of an account's effective rate, as recorded by the script that made it."""
+
+    #: Unix time (server clock).
+    at: float
+    account: str
+    old_rate_per_s: float
+    new_rate_per_s: float
+    #: ``"throttle"`` (SES said 454) or ``"recover"`` (additive step back up).
+    why: str
+
+
+def parse_change(raw: Any) -> RateChange | None:
+    """One entry of the change list; None if it is not one (never raises)."""
+    try:
+        data = json.loads(_s(raw))
+        return RateChange(
+            at=int(data["at_us"]) / 1e6,
+            account=str(data["account"]),
+            old_rate_per_s=float(data["old_rate"]),
+            new_rate_per_s=float(data["new_rate"]),
+            why=str(data["why"]),
+        )
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class _Grant:
     status: str
     wait_s: float
@@ -244,6 +281,8 @@ class FleetRateLimiter:
             raise ConfigurationError("throttle_guard_s", "must be >= 0")
         self.account = check_account(account)
         self.key = f"{key_prefix}:rate:{{{self.account}}}"
+        #: The last CHANGES_KEPT rate changes, oldest first (JSON objects).
+        self.changes_key = f"{self.key}:changes"
         self.rate_per_s = float(rate_per_s)
         self.burst = float(burst)
         self.transactional_reserve = float(transactional_reserve)
@@ -319,6 +358,7 @@ class FleetRateLimiter:
             mode,
             *self._recovery_config,
             campaign,
+            self.account,
         ]
 
     def _grant(self, raw: Sequence[Any]) -> _Grant:
@@ -335,6 +375,8 @@ class FleetRateLimiter:
             repr(self.step),
             repr(self.recover_interval_us),
             str(self.ttl_ms),
+            repr(self.rate_per_s),
+            self.account,
         ]
 
     def _throttled(self, raw: Sequence[Any]) -> float:
@@ -350,7 +392,13 @@ class FleetRateLimiter:
         return self.rate_per_s * float(f)
 
     def _status_args(self) -> list[str]:
-        return [self._now_arg(), repr(self.step), repr(self.recover_interval_us)]
+        return [
+            self._now_arg(),
+            repr(self.step),
+            repr(self.recover_interval_us),
+            repr(self.rate_per_s),
+            self.account,
+        ]
 
     def _status(self, raw: Sequence[Any]) -> LimiterStatus:
         now_us, f_s, changed, old_f, tat_s, reason, at, prev = (_s(v) for v in raw)
@@ -394,7 +442,9 @@ class FleetRateLimiter:
     async def _call(self, name: str, args: list[str]) -> Sequence[Any]:
         self.round_trips += 1
         try:
-            return cast("Sequence[Any]", await self._lua[name](keys=[self.key], args=args))
+            return cast(
+                "Sequence[Any]", await self._lua[name](keys=[self.key, self.changes_key], args=args)
+            )
         except redis_sync.RedisError as exc:
             raise self._unavailable(exc) from exc
 
@@ -481,3 +531,13 @@ class FleetRateLimiter:
 
     async def status(self) -> LimiterStatus:
         return self._status(await self._call("status", self._status_args()))
+
+    async def recent_changes(self, limit: int = CHANGES_KEPT) -> list[RateChange]:
+        """The last ``limit`` changes of the effective rate, newest first (one LRANGE)."""
+        if limit < 1:
+            return []
+        try:
+            raw = await self._redis.lrange(self.changes_key, -limit, -1)
+        except redis_sync.RedisError as exc:
+            raise self._unavailable(exc) from exc
+        return [c for c in map(parse_change, reversed(raw)) if c is not None]

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.states import CampaignState
 from ses_tasks.store.tracking import DispatchReply
-from ses_tasks.worker import leadership
+from ses_tasks.worker import heartbeat, leadership
 from ses_tasks.worker.delivery import STORE_ERRORS, BatchJob
 
 if TYPE_CHECKING:
@@ -143,6 +143,9 @@ class Dispatcher:
             await self.rt.redis.zrem(self.rt.store.keys.workers(), self._member())
             for queue in self.rt.consumed_queues:
                 await self.rt.redis.zrem(self.rt.store.keys.consumers(queue), self.rt.token)
+            keys = self.rt.store.keys
+            await self.rt.redis.zrem(heartbeat.seen_key(keys), self.rt.token)
+            await self.rt.redis.delete(heartbeat.info_key(keys, self.rt.token))
 
     async def _still_leader(self) -> bool:
         """Renew the lock before each take: a slow round never overlaps another leader's."""
@@ -174,6 +177,14 @@ class Dispatcher:
             for queue in self.rt.consumed_queues:
                 pipe.zremrangebyscore(keys.consumers(queue), "-inf", int(now * 1000))
                 pipe.zadd(keys.consumers(queue), {self.rt.token: deadline})
+            # For people (the dashboard): queues and pools, kept a while after silence.
+            keep_ms = int(heartbeat.KEEP_S * 1000)
+            seen = heartbeat.seen_key(keys)
+            pipe.zremrangebyscore(seen, "-inf", int(now * 1000) - keep_ms)
+            pipe.zadd(seen, {self.rt.token: int(now * 1000)})
+            pipe.pexpire(seen, keep_ms)
+            info = heartbeat.describe(self.rt, now)
+            pipe.set(heartbeat.info_key(keys, self.rt.token), info, px=keep_ms)
             await pipe.execute()
 
     def _member(self) -> str:

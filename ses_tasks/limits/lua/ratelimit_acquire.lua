@@ -4,7 +4,8 @@
 -- ARGV[4] transactional tolerance us, ARGV[5] bulk tolerance us, ARGV[6] bulk lookahead us,
 -- ARGV[7] priority ('t' | 'b'), ARGV[8] max wait us (-1 = none),
 -- ARGV[9] mode ('fresh' | 'again' | 'force'), ARGV[10] recovery step (fraction of the
--- configured rate per interval), ARGV[11] recovery interval us, ARGV[12] key ttl ms
+-- configured rate per interval), ARGV[11] recovery interval us, ARGV[12] key ttl ms,
+-- ARGV[13] campaign ('' = none), ARGV[14] account (for the change log, KEYS[2])
 -- Returns {status, wait_us, field, stored_tat, previous_tat, changed, old_f, f}
 --   status 'ok'    tokens reserved: send after wait_us
 --   status 'later' bulk beyond its horizon, nothing reserved: ask again after wait_us
@@ -19,7 +20,8 @@ local lookahead = tonumber(ARGV[6])
 local transactional = ARGV[7] == 't'
 local max_wait = tonumber(ARGV[8])
 local mode = ARGV[9]
-local f, changed, old_f = refresh_factor(key, now, tonumber(ARGV[10]), tonumber(ARGV[11]))
+local f, changed, old_f = refresh_factor(key, now, tonumber(ARGV[10]), tonumber(ARGV[11]),
+  change_log(KEYS[2], rate, ARGV[14]))
 
 local cost = n * 1000000 / (rate * f)
 local campaign = ARGV[13] or ''

@@ -2,12 +2,14 @@
 -- ARGV[2], not below ARGV[3], at most once per ARGV[4] us (many workers see the same 454
 -- burst; one decrease is the right answer to it).
 -- KEYS[1] limiter hash; ARGV[1] now_us override, ARGV[5] recovery step, ARGV[6] recovery
--- interval us, ARGV[7] key ttl ms.
+-- interval us, ARGV[7] key ttl ms, ARGV[8] configured rate per s and ARGV[9] account
+-- (for the change log, KEYS[2]).
 -- Returns {changed, old_f, f, recovered, f before recovery}
 local key = KEYS[1]
 local now = server_now_us(ARGV[1])
 local factor, floor, guard = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local f, recovered, pre = refresh_factor(key, now, tonumber(ARGV[5]), tonumber(ARGV[6]))
+local log = change_log(KEYS[2], tonumber(ARGV[8]), ARGV[9])
+local f, recovered, pre = refresh_factor(key, now, tonumber(ARGV[5]), tonumber(ARGV[6]), log)
 local thr = tonumber(redis.call('HGET', key, 'thr'))
 local changed = '0'
 local old = f
@@ -17,6 +19,7 @@ if thr == nil or now - thr >= guard then
   if new < f then
     redis.call('HSET', key, 'f', fmt(new), 'fchg', fmt_int(now), 'reason', 'throttle',
       'prev', fmt(f), 'at', fmt_int(now))
+    record_change(log, now, f, new, 'throttle')
     f = new
     changed = '1'
   end

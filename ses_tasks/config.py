@@ -26,7 +26,16 @@ __all__ = ["ENV_PREFIX", "Profile", "Settings", "load_settings", "redact_url"]
 
 ENV_PREFIX = "SES_TASKS_"
 #: Settings that may instead name a file holding the value (``<NAME>_FILE``).
-FILE_SETTINGS = ("password", "secret_access_key", "broker_url", "redis_url", "result_backend")
+FILE_SETTINGS = (
+    "password",
+    "secret_access_key",
+    "broker_url",
+    "redis_url",
+    "result_backend",
+    "dashboard_token",
+    "dashboard_user",
+    "dashboard_password",
+)
 #: SES ends a session after about 350 messages; stay well below.
 DEFAULT_MAX_MESSAGES_PER_CONNECTION = 300
 #: SES drops a session after about 10 s of silence; check with NOOP before reuse past this.
@@ -198,6 +207,13 @@ class Settings(BaseSettings):
     event_broker_url: str | None = None
     #: Events waiting for the hooks per process; past this they are dropped and counted.
     event_queue_size: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Dashboard (ses_tasks.dashboard): with any of these set, every request must present
+    # them, on every bind; without them it only serves on a loopback address.
+    #: ``Authorization: Bearer <token>``, or the token typed into the login form.
+    dashboard_token: SecretStr | None = None
+    #: HTTP basic credentials (both or neither).
+    dashboard_user: str | None = None
+    dashboard_password: SecretStr | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -216,7 +232,15 @@ class Settings(BaseSettings):
                     raise ValueError(f"{name}_file: cannot read {path}: {exc.strerror}") from None
         return data
 
-    @field_validator("username", "password", "secret_access_key", mode="before")
+    @field_validator(
+        "username",
+        "password",
+        "secret_access_key",
+        "dashboard_token",
+        "dashboard_user",
+        "dashboard_password",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # `SES_TASKS_PASSWORD=` in an env file means "none", not an empty password to AUTH.
@@ -269,6 +293,13 @@ class Settings(BaseSettings):
             )
         if self.password is not None and self.secret_access_key is not None:
             raise ValueError("set PASSWORD or SECRET_ACCESS_KEY, not both")
+        if (self.dashboard_user is None) != (self.dashboard_password is None):
+            missing = "PASSWORD" if self.dashboard_password is None else "USER"
+            raise ConfigurationError(
+                f"{ENV_PREFIX}DASHBOARD_{missing}",
+                f"set {ENV_PREFIX}DASHBOARD_USER and {ENV_PREFIX}DASHBOARD_PASSWORD together"
+                " (or neither)",
+            )
         return self
 
     def __repr_args__(self) -> Any:

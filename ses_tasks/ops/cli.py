@@ -1024,6 +1024,46 @@ def limits(as_json: bool) -> None:
             click.echo(f"{key}: {value}")
 
 
+@main.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; beyond loopback needs SES_TASKS_DASHBOARD_TOKEN or "
+    "SES_TASKS_DASHBOARD_USER/PASSWORD.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8025, show_default=True, help="TCP port."
+)
+@click.option("--read-only", is_flag=True, help="Show everything; refuse every action.")
+@click.option(
+    "--with-feedback",
+    is_flag=True,
+    help="Also receive SNS feedback at /sns in this process (see `feedback serve`).",
+)
+def dashboard(host: str, port: int, read_only: bool, with_feedback: bool) -> None:
+    """Serve the web dashboard: campaigns, suppression, limits, workers.
+
+    Without credentials configured it only serves on a loopback address; with them, every
+    request must present them (docs/dashboard.md). Runs until interrupted.
+    """
+    import uvicorn
+
+    from ses_tasks.dashboard import DashboardAuth, check_bind, create_app
+
+    settings = _settings()
+    check_bind(host, DashboardAuth.from_settings(settings))  # exit 2 before listening
+    app = create_app(settings=settings, read_only=read_only, feedback=with_feedback)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"ses-tasks dashboard on http://{shown}:{port}/"
+        + (" (read-only)" if read_only else "")
+        + (f", SNS feedback at http://{shown}:{port}/sns" if with_feedback else ""),
+        err=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
+
+
 @main.command(
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     add_help_option=False,

@@ -1,0 +1,1 @@
+"""Dashboard pages: each module exposes ``routes() -> list[BaseRoute]`` (see ``app.py``)."""

@@ -263,3 +263,15 @@ def test_read_only_hides_and_refuses_actions(
             refused = c.post(f"/campaigns/{campaign}/{action}", data={"csrf_token": "x"})
             assert refused.status_code == 403
     assert client.campaign_status(campaign).state is CampaignState.RUNNING
+
+
+def test_feedback_mount_is_outside_dashboard_auth(key_prefix: str) -> None:
+    """SNS posts come from AWS with the public host name and no dashboard credentials."""
+    settings = load_settings(key_prefix=key_prefix, dashboard_token="s3cret-token")
+    with env_vars(SES_TASKS_FEEDBACK_ALLOW_ANY_TOPIC="true"):
+        app = create_app(settings=settings, feedback=True)
+    with TestClient(app, base_url="https://feedback.example.com") as c:
+        health = c.get("/sns/health")
+        assert health.status_code == 200
+        assert health.headers["content-security-policy"] == CSP
+        assert c.get("/").status_code == 401  # the dashboard itself still needs the token

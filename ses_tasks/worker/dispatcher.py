@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from celery.signals import worker_init
+
 from ses_tasks.keys import TRANSACTIONAL
 from ses_tasks.states import CampaignState
 from ses_tasks.store.tracking import DispatchReply
@@ -58,6 +60,9 @@ LOCK_TTL_MS = 3000
 TAKING = frozenset({CampaignState.ENQUEUEING, CampaignState.RUNNING, CampaignState.CANCELLED})
 #: Campaigns whose batches send mail, and so share the rate.
 SENDING = frozenset({CampaignState.ENQUEUEING, CampaignState.RUNNING})
+
+# The heartbeat names the Celery node its process belongs to.
+worker_init.connect(heartbeat.remember_node, weak=False)
 
 
 def allocate(campaigns: Sequence[DispatchReply], window: int) -> dict[str, int]:

@@ -7,8 +7,9 @@ workers page) the same beat also writes, in the same pipeline:
 
 - ``<prefix>:workers-seen``: token -> time of its last beat (ms), kept ``KEEP_S`` after it
   went silent, so a dead process is shown stale for a while instead of vanishing;
-- ``<prefix>:worker-info:<token>``: a small JSON object (host, pid, queues, capacity, one
-  entry per sender profile's SMTP pool), expiring ``KEEP_S`` after the last beat.
+- ``<prefix>:worker-info:<token>``: a small JSON object (Celery node name, host, pid,
+  queues, capacity, one entry per sender profile's SMTP pool), expiring ``KEEP_S`` after
+  the last beat.
 
 A clean shutdown removes both at once. Reading them costs one ZRANGE and one GET per
 process; nothing here scans keys.
@@ -35,6 +36,7 @@ __all__ = [
     "describe",
     "info_key",
     "parse_info",
+    "remember_node",
     "seen_key",
 ]
 
@@ -50,6 +52,16 @@ def seen_key(keys: Keys) -> str:
 def info_key(keys: Keys, token: str) -> str:
     """One worker process's self-description (JSON, see ``describe``)."""
     return f"{keys.prefix}:worker-info:{token}"
+
+
+#: The Celery node name (``name@host``), set in the main process before the pool forks.
+_node = ""
+
+
+def remember_node(sender: Any = None, **_: Any) -> None:
+    """Celery's ``worker_init`` handler: keep the node name for the pool's processes."""
+    global _node
+    _node = str(getattr(sender, "hostname", "") or "")
 
 
 @cache
@@ -74,6 +86,7 @@ def describe(rt: WorkerRuntime, now: float) -> str:
     return json.dumps(
         {
             "at": now,
+            "node": _node,
             "host": _host(),
             "pid": os.getpid(),
             "queues": list(rt.consumed_queues),
@@ -96,6 +109,8 @@ class PoolInfo:
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
+    #: Celery node name (``name@host``); '' if the process did not start as a Celery worker.
+    node: str
     host: str
     pid: int
     queues: tuple[str, ...]
@@ -111,6 +126,7 @@ def parse_info(raw: Any) -> WorkerInfo | None:
     try:
         data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         return WorkerInfo(
+            node=str(data.get("node", "")),
             host=str(data.get("host", "")),
             pid=int(data.get("pid", 0)),
             queues=tuple(str(q) for q in data.get("queues", ())),

@@ -35,6 +35,11 @@ class FakeRuntime:
 def test_a_beat_writes_queues_pools_and_when() -> None:
     rt = FakeRuntime(pool_size=7, profiles={"eu": {"pool_size": 3}})
 
+    class Worker:  # Celery's WorkController, as worker_init sends it
+        hostname = "w1@box"
+
+    heartbeat.remember_node(Worker())
+
     async def main() -> tuple[Any, Any, Any]:
         before = time.time()
         await Dispatcher(rt, lambda job: None)._heartbeat()  # type: ignore[arg-type]
@@ -45,8 +50,12 @@ def test_a_beat_writes_queues_pools_and_when() -> None:
         assert seen is not None and before * 1000 - 1 <= seen <= time.time() * 1000 + 1
         return heartbeat.parse_info(raw), ttl, seen
 
-    info, ttl, _ = asyncio.run(main())
+    try:
+        info, ttl, _ = asyncio.run(main())
+    finally:
+        heartbeat.remember_node(None)
     assert info is not None
+    assert info.node == "w1@box"
     assert info.queues == ("ses.bulk.tls", "ses.tx.tls")
     assert info.capacity == 2
     assert [(p.profile, p.size, p.in_use) for p in info.pools] == [("", 7, 0), ("eu", 3, 0)]

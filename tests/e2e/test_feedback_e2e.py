@@ -1,5 +1,6 @@
 """End to end: a campaign is sent, SNS posts a bounce and a complaint over HTTP to the
-feedback receiver, the addresses are suppressed, and a second campaign skips them."""
+feedback receiver (under uvicorn), the addresses are suppressed, and a second campaign skips
+them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 from ses_tasks.feedback import FeedbackApp, FeedbackHandler
-from ses_tasks.feedback.server import ServerThread
 from ses_tasks.feedback.settings import FeedbackSettings
 from ses_tasks.feedback.testing import DEFAULT_TOPIC_ARN, SnsTestSigner
 from ses_tasks.states import CampaignState, MessageState
@@ -18,6 +18,7 @@ from ses_tasks.store.tracking import COUNTERS
 
 from ..conftest import write_csv
 from ..integration.test_feedback_apply import example
+from ..integration.test_feedback_http import running
 
 
 def post(url: str, envelope: dict) -> tuple[int, str]:
@@ -58,9 +59,9 @@ def test_bounces_and_complaints_suppress_the_next_campaign(make_pipeline, tmp_pa
         FeedbackSettings(min_sample=1000, allowed_topic_arns=DEFAULT_TOPIC_ARN),
         fetcher=signer.fetcher,
     )
-    with ServerThread(FeedbackApp(handler)) as server:
+    with running(FeedbackApp(handler)) as url:
         confirmation = signer.subscription_confirmation()
-        assert post(server.url, confirmation) == (200, "confirmed")
+        assert post(url, confirmation) == (200, "confirmed")
         bounced = client.message_status(f"{first.id}.3")
         complained = client.message_status(f"{first.id}.7")
         bounce = signer.notification(
@@ -69,11 +70,11 @@ def test_bounces_and_complaints_suppress_the_next_campaign(make_pipeline, tmp_pa
         complaint = signer.notification(
             example("event_complaint", complained.ses_message_id, complained.email), version="2"
         )
-        assert post(server.url, bounce) == (200, "applied")
-        assert post(server.url, complaint) == (200, "applied")
-        assert post(server.url, bounce) == (200, "duplicate")  # SNS retry / replay
+        assert post(url, bounce) == (200, "applied")
+        assert post(url, complaint) == (200, "applied")
+        assert post(url, bounce) == (200, "duplicate")  # SNS retry / replay
         forged = dict(complaint, Message=complaint["Message"].replace("abuse", "not-spam"))
-        assert post(server.url, forged) == (403, "refused")
+        assert post(url, forged) == (403, "refused")
 
     suppressed = {bounced.email, complained.email}
     assert {e.email for e in client.suppression if e.source == "feedback"} == suppressed

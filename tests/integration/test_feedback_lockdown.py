@@ -1,6 +1,6 @@
 """The SNS lock-down against real Redis: foreign topics change nothing, subscriptions are
 confirmed only for allowed topics, uncorrelated events do not suppress unless asked, and every
-HTTP receiver (ASGI app, server, CLI, Django and Flask views) refuses to start without a
+HTTP receiver (ASGI app, under uvicorn, CLI, Django and Flask views) refuses to start without a
 topic allow-list, naming the setting, and starts with the development flag."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from ses_tasks.errors import ConfigurationError
 from ses_tasks.feedback import FeedbackApp, FeedbackApplier, FeedbackHandler, create_app
 from ses_tasks.feedback.cli import feedback
-from ses_tasks.feedback.server import ServerThread
 from ses_tasks.feedback.settings import (
     ALLOW_ANY_TOPIC_ENV,
     ALLOWED_TOPIC_ARNS_ENV,
@@ -31,6 +30,7 @@ from ses_tasks.store.tracking import StatusStore
 
 from ..conftest import REDIS_URL
 from .test_feedback_apply import asgi_call, example, sent_campaign, snapshot
+from .test_feedback_http import running
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -249,26 +249,23 @@ def test_the_asgi_app_starts_with_the_allow_list_or_the_development_flag(
     )
 
 
-def test_the_server_refuses_to_start_without_an_allow_list(
-    redis_client, key_prefix, signer, fetcher, clean_env
+def test_uvicorn_refuses_to_start_without_an_allow_list(
+    redis_client, key_prefix, signer, fetcher, clean_env, caplog
 ):
     open_handler = make_handler(redis_client, key_prefix, fetcher)
-    server = ServerThread(FeedbackApp(factory=lambda: open_handler))
-    with pytest.raises(ConfigurationError) as info:
-        server.start()
-    assert_names_the_setting(info.value)
-    server.stop()
+    app = FeedbackApp(factory=lambda: open_handler)
+    with pytest.raises(RuntimeError, match="stopped before listening"), running(app):
+        pass
+    assert ALLOWED_TOPIC_ARNS_ENV in caplog.text  # the lifespan's failure, logged by uvicorn
 
     any_topic = make_handler(redis_client, key_prefix, fetcher, allow_any_topic=True)
-    with ServerThread(FeedbackApp(factory=lambda: any_topic)) as running:
-        with urllib.request.urlopen(running.url + "health", timeout=10) as response:
+    with running(FeedbackApp(factory=lambda: any_topic)) as url:
+        with urllib.request.urlopen(url + "health", timeout=10) as response:
             assert response.status == 200
         envelope = signer.notification(
             example("event_delivery", new_ses_message_id()), topic_arn=FOREIGN_TOPIC
         )
-        request = urllib.request.Request(
-            running.url, data=json.dumps(envelope).encode(), method="POST"
-        )
+        request = urllib.request.Request(url, data=json.dumps(envelope).encode(), method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             assert json.loads(response.read()) == {"result": "uncorrelated"}
 

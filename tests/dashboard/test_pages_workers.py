@@ -48,6 +48,7 @@ def test_a_running_worker_is_listed_with_its_queues_and_pool(make_pipeline: Any)
         assert sorted(queues) == sorted(
             [bulk_queue(PortMode.TLS), transactional_queue(PortMode.TLS)]
         )
+        assert row.cell("lanes") == "bulk, transactional"
         assert row.cell("pool").startswith("default: ") and "of 4" in row.cell("pool")
         seen = float(row.one("td", cls="seen").attrs["data-seconds"])
         assert 0 <= seen < 3 * 2.0

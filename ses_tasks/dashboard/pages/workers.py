@@ -13,9 +13,25 @@ from starlette.routing import BaseRoute, Route
 
 from ses_tasks.dashboard.admin_queries import STALE_AFTER_S, WorkerRow, worker_rows
 from ses_tasks.dashboard.app import dash
+from ses_tasks.queue.app import bulk_queue, transactional_queue
+from ses_tasks.smtp.endpoint import PortMode
 from ses_tasks.worker.heartbeat import KEEP_S
 
 __all__ = ["routes"]
+
+
+#: Our queue names and the lane each feeds (names depend on the port mode).
+LANES = {
+    **{bulk_queue(mode): "bulk" for mode in PortMode},
+    **{transactional_queue(mode): "transactional" for mode in PortMode},
+}
+
+
+def _lanes(row: WorkerRow) -> str:
+    """The lanes its queues feed: ``bulk, transactional``."""
+    if row.info is None:
+        return ""
+    return ", ".join(sorted({LANES[q] for q in row.info.queues if q in LANES}))
 
 
 def _pool(row: WorkerRow) -> str:
@@ -41,6 +57,7 @@ async def workers_page(request: Request) -> Response:
             "rows": rows,
             "alive": sum(1 for r in rows if not r.stale),
             "pool": _pool,
+            "lanes": _lanes,
             "stale_after_s": STALE_AFTER_S,
             "keep_min": int(KEEP_S // 60),
         },

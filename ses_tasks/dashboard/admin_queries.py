@@ -88,9 +88,27 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "\\*?[]" else c for c in text)
 
 
+def _ascii_labels(text: str) -> str:
+    """Non-ASCII domain labels in their stored (Punycode) form: ``bücher`` -> ``xn--bcher-kva``."""
+    labels = []
+    for label in text.split("."):
+        if label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(label.encode("idna").decode("ascii"))
+        except UnicodeError:
+            labels.append(label)
+    return ".".join(labels)
+
+
 def _query_pattern(q: str) -> str:
     """``*q*`` on the stored (canonical: lower-case, ASCII domain) addresses."""
-    return f"*{_glob_escape(q.strip().lower())}*"
+    q = q.strip().lower()
+    if not q.isascii():
+        local, at, domain = q.rpartition("@")
+        q = local + at + _ascii_labels(domain)
+    return f"*{_glob_escape(q)}*"
 
 
 async def suppression_page(

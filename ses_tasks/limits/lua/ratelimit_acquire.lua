@@ -1,5 +1,6 @@
 -- GCRA reservation of n tokens (recipients) with two priorities.
--- KEYS[1] limiter hash (fields: tat, qtat, f, fchg, thr, reason, prev, at)
+-- KEYS[1] limiter hash (fields: tat, qtat, f, fchg, thr, reason, prev, at), KEYS[2] its
+-- change log (rate changes are recorded there when given)
 -- ARGV[1] now_us override ('' = server TIME), ARGV[2] n, ARGV[3] configured rate per s,
 -- ARGV[4] transactional tolerance us, ARGV[5] bulk tolerance us, ARGV[6] bulk lookahead us,
 -- ARGV[7] priority ('t' | 'b'), ARGV[8] max wait us (-1 = none),

@@ -1,5 +1,5 @@
 -- One consistent read of the limiter (applying due recovery steps, like acquire does).
--- KEYS[1] limiter hash; ARGV[1] now_us override, ARGV[2] recovery step,
+-- KEYS[1] limiter hash, KEYS[2] its change log; ARGV[1] now_us override, ARGV[2] recovery step,
 -- ARGV[3] recovery interval us, ARGV[4] configured rate per s and ARGV[5] account (for
 -- the change log, KEYS[2]).
 -- Returns {now, f, changed, old_f, tat, reason, at, prev}

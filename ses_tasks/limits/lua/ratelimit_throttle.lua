@@ -1,9 +1,9 @@
 -- SES answered "454 Maximum sending rate exceeded": multiply the fleet's rate factor by
 -- ARGV[2], not below ARGV[3], at most once per ARGV[4] us (many workers see the same 454
 -- burst; one decrease is the right answer to it).
--- KEYS[1] limiter hash; ARGV[1] now_us override, ARGV[5] recovery step, ARGV[6] recovery
--- interval us, ARGV[7] key ttl ms, ARGV[8] configured rate per s and ARGV[9] account
--- (for the change log, KEYS[2]).
+-- KEYS[1] limiter hash, KEYS[2] its change log; ARGV[1] now_us override, ARGV[5] recovery
+-- step, ARGV[6] recovery interval us, ARGV[7] key ttl ms, ARGV[8] configured rate per s and
+-- ARGV[9] account (for the change log).
 -- Returns {changed, old_f, f, recovered, f before recovery}
 local key = KEYS[1]
 local now = server_now_us(ARGV[1])

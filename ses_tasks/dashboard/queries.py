@@ -92,6 +92,12 @@ class CampaignView:
         return self.status.counts.get("sent", 0)
 
     @property
+    def shown_state(self) -> str:
+        """The state as people read it: a campaign waiting for its ``send_at`` is
+        "scheduled", not "running"."""
+        return "scheduled" if self.status.scheduled else self.status.state.value
+
+    @property
     def eta_s(self) -> float | None:
         """Seconds until every open message is final at the current rate; None if unknown."""
         remaining = self.status.open
@@ -111,7 +117,8 @@ class CampaignView:
         s = self.status
         return {
             "id": s.id,
-            "state": s.state.value,
+            "state": self.shown_state,
+            "stored_state": s.state.value,
             "reason": s.reason,
             "scheduled": s.scheduled,
             "total": s.total,
@@ -139,6 +146,9 @@ def format_rate(rate: float) -> str:
 def format_eta(view: CampaignView) -> str:
     if view.status.state is CampaignState.COMPLETED:
         return "done"
+    if view.status.scheduled and view.status.send_at is not None:
+        starts = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(view.status.send_at))
+        return f"starts {starts}"
     eta = view.eta_s
     if eta is None:
         return "—"

@@ -13,6 +13,9 @@ Rules (docs in ``create_app``):
   form field or the ``X-CSRF-Token`` header): an HMAC of this app's secret and the session
   id, so a token is only good with its own session cookie. Its ``Origin`` (else its
   ``Referer``), when sent, must name this host. Read-only mode refuses them all (403).
+  A request carrying ``Authorization: Bearer`` needs no CSRF token: a browser never adds
+  that header by itself, so a forged cross-site request cannot carry it (HTTP basic it
+  does replay, so basic-authenticated posts still need the token).
 - Every response carries a strict Content-Security-Policy (no inline script or style) and
   ``nosniff``/``same-origin`` headers.
 
@@ -380,11 +383,14 @@ class SecurityMiddleware:
             or self.auth.check_header(headers.get("authorization"))
         )
         wrapped = self._sender(send, session, started, scope)
+        by_bearer = self.auth.configured and self._bearer(headers.get("authorization"))
         if not authenticated and not self._under(path, self.open_prefixes):
             await self._unauthorized(scope, receive, wrapped, headers)
             return
         if scope.get("method", "GET") not in SAFE_METHODS:
-            replay = await self._check_post(scope, receive, wrapped, headers, path, session)
+            replay = await self._check_post(
+                scope, receive, wrapped, headers, path, session, by_bearer=by_bearer
+            )
             if replay is None:
                 return
             receive = replay
@@ -398,6 +404,8 @@ class SecurityMiddleware:
         headers: dict[str, str],
         path: str,
         session: Session,
+        *,
+        by_bearer: bool = False,
     ) -> Receive | None:
         """The replayed body of an accepted state-changing request, or None (answered)."""
         if self.read_only and not self._under(path, ("/login", "/logout")):
@@ -420,7 +428,7 @@ class SecurityMiddleware:
         token = headers.get(CSRF_HEADER) or await _form_token(
             scope, body, headers.get("content-type", "")
         )
-        if session.new or not token or not _eq(token, session.csrf):
+        if not by_bearer and (session.new or not token or not _eq(token, session.csrf)):
             await self._deny(scope, receive, send, 403, "missing or invalid CSRF token")
             return None
         sent = False
@@ -433,6 +441,10 @@ class SecurityMiddleware:
             return {"type": "http.request", "body": body, "more_body": False}
 
         return replay
+
+    def _bearer(self, value: str | None) -> bool:
+        scheme, _, _ = (value or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and self.auth.check_header(value)
 
     async def _unauthorized(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]

@@ -200,6 +200,33 @@ def test_a_token_is_only_good_with_its_own_session(settings: Settings, campaign:
         assert refused.status_code == 403
 
 
+def test_a_bearer_token_posts_without_csrf_but_basic_auth_does_not(
+    key_prefix: str, client: SesTasks, campaign: str
+) -> None:
+    """A browser never adds ``Authorization: Bearer`` by itself; it does replay basic auth."""
+    settings = load_settings(
+        key_prefix=key_prefix,
+        dashboard_token="s3cret-token",
+        dashboard_user="ops",
+        dashboard_password="pw!",
+    )
+    basic = base64.b64encode(b"ops:pw!").decode()
+    url = f"/campaigns/{campaign}/pause"
+    with http(create_app(settings=settings)) as c:
+        refused = c.post(url, headers={"Authorization": f"Basic {basic}"})
+        assert refused.status_code == 403
+        assert client.campaign_status(campaign).state is CampaignState.RUNNING
+        cross = c.post(
+            url, headers={"Authorization": "Bearer s3cret-token", "Origin": "http://evil.example"}
+        )
+        assert cross.status_code == 403
+        wrong = c.post(url, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        done = c.post(url, headers={"Authorization": "Bearer s3cret-token"}, follow_redirects=False)
+        assert done.status_code == 303
+    assert client.campaign_status(campaign).state is CampaignState.PAUSED
+
+
 # Headers, escaping, read-only -----------------------------------------------------------------
 
 

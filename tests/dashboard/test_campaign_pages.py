@@ -234,3 +234,26 @@ def test_pages_render_in_under_100ms(client: SesTasks, http: TestClient, big: st
             times.append(float(response.headers["server-timing"].split("dur=")[1]))
         assert min(times) < 100, (path, times)
     assert len(dom(http.get("/").text).find("tbody").find_all("tr")) == 50
+
+
+def test_a_campaign_waiting_for_its_send_at_shows_scheduled(
+    http: TestClient, client: SesTasks
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    at = datetime.now(UTC) + timedelta(days=1)
+    client.send_campaign(
+        from_="news@example.com",
+        subject="Tomorrow",
+        text="Hi",
+        recipients=["a@example.com"],
+        campaign_id="later",
+        send_at=at,
+    )
+    row = dom(http.get("/").text).find("table", id="campaigns").find("tr", data_campaign="later")
+    assert row.find(cls="state").text == "scheduled"
+    assert row.find(cls="eta").text == f"starts {at:%Y-%m-%d %H:%M} UTC"
+    page = dom(http.get("/campaigns/later").text)
+    assert page.by_id("state").text == "scheduled"
+    (shown,) = http.get("/api/campaigns").json()["campaigns"]
+    assert (shown["state"], shown["stored_state"]) == ("scheduled", "running")

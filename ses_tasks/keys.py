@@ -115,6 +115,15 @@ class Keys:
         """Live worker processes (``token|batches at once`` -> heartbeat deadline, ms)."""
         return f"{self.prefix}:workers"
 
+    def workers_seen(self) -> str:
+        """Worker processes by their last heartbeat (token -> Unix ms), kept past a silent
+        one's death so people see it stale (worker/heartbeat.py)."""
+        return f"{self.prefix}:workers-seen"
+
+    def worker_info(self, token: str) -> str:
+        """One worker process's self-description (JSON, ``heartbeat.describe``)."""
+        return f"{self.prefix}:worker-info:{token}"
+
     def consumers(self, queue: str) -> str:
         """Worker processes consuming ``queue`` (token -> heartbeat deadline, ms)."""
         return f"{self.prefix}:consumers:{queue}"

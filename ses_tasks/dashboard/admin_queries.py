@@ -272,7 +272,7 @@ async def worker_rows(
     """Worker processes seen in the last ``heartbeat.KEEP_S``, live ones first."""
     now = time.time() if now is None else now
     seen_raw, live_raw = await asyncio.gather(
-        redis.zrevrange(heartbeat.seen_key(keys), 0, WORKER_ROWS - 1, withscores=True),
+        redis.zrevrange(keys.workers_seen(), 0, WORKER_ROWS - 1, withscores=True),
         redis.zrange(keys.workers(), 0, -1, withscores=True),
     )
     seen_pairs = cast("list[tuple[Any, float]]", seen_raw)
@@ -288,7 +288,7 @@ async def worker_rows(
     tokens = list(seen)
     async with redis.pipeline(transaction=False) as pipe:
         for token in tokens:
-            pipe.get(heartbeat.info_key(keys, token))
+            pipe.get(keys.worker_info(token))
         infos = await pipe.execute()
     rows = [
         WorkerRow(

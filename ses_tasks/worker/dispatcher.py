@@ -149,8 +149,8 @@ class Dispatcher:
             for queue in self.rt.consumed_queues:
                 await self.rt.redis.zrem(self.rt.store.keys.consumers(queue), self.rt.token)
             keys = self.rt.store.keys
-            await self.rt.redis.zrem(heartbeat.seen_key(keys), self.rt.token)
-            await self.rt.redis.delete(heartbeat.info_key(keys, self.rt.token))
+            await self.rt.redis.zrem(keys.workers_seen(), self.rt.token)
+            await self.rt.redis.delete(keys.worker_info(self.rt.token))
 
     async def _still_leader(self) -> bool:
         """Renew the lock before each take: a slow round never overlaps another leader's."""
@@ -184,12 +184,12 @@ class Dispatcher:
                 pipe.zadd(keys.consumers(queue), {self.rt.token: deadline})
             # For people (the dashboard): queues and pools, kept a while after silence.
             keep_ms = int(heartbeat.KEEP_S * 1000)
-            seen = heartbeat.seen_key(keys)
+            seen = keys.workers_seen()
             pipe.zremrangebyscore(seen, "-inf", int(now * 1000) - keep_ms)
             pipe.zadd(seen, {self.rt.token: int(now * 1000)})
             pipe.pexpire(seen, keep_ms)
             info = heartbeat.describe(self.rt, now)
-            pipe.set(heartbeat.info_key(keys, self.rt.token), info, px=keep_ms)
+            pipe.set(keys.worker_info(self.rt.token), info, px=keep_ms)
             await pipe.execute()
 
     def _member(self) -> str:

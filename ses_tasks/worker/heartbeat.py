@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from ses_tasks.keys import Keys
-
 if TYPE_CHECKING:
     from ses_tasks.worker.runtime import WorkerRuntime
 
@@ -34,24 +32,12 @@ __all__ = [
     "PoolInfo",
     "WorkerInfo",
     "describe",
-    "info_key",
     "parse_info",
     "remember_node",
-    "seen_key",
 ]
 
 #: A silent process stays listed (as stale) this long after its last beat.
 KEEP_S = 600.0
-
-
-def seen_key(keys: Keys) -> str:
-    """Worker processes by their last heartbeat (token -> Unix ms)."""
-    return f"{keys.prefix}:workers-seen"
-
-
-def info_key(keys: Keys, token: str) -> str:
-    """One worker process's self-description (JSON, see ``describe``)."""
-    return f"{keys.prefix}:worker-info:{token}"
 
 
 #: The Celery node name (``name@host``), set in the main process before the pool forks.

@@ -14,7 +14,6 @@ from ses_tasks.keys import Keys
 from ses_tasks.queue.app import bulk_queue, transactional_queue
 from ses_tasks.sandbox.embedded import wait_for
 from ses_tasks.smtp.endpoint import PortMode
-from ses_tasks.worker import heartbeat
 
 from .admin_support import Node, dashboard, page
 
@@ -63,7 +62,7 @@ def test_silent_workers_are_marked_stale(redis_client: redis.Redis, key_prefix: 
 
     def beat(token: str, age_s: float, *, counted: bool, node: str) -> None:
         at_ms = now_ms - int(age_s * 1000)
-        redis_client.zadd(heartbeat.seen_key(keys), {token: at_ms})
+        redis_client.zadd(keys.workers_seen(), {token: at_ms})
         if counted:  # the dispatcher's window still counts it
             redis_client.zadd(keys.workers(), {f"{token}|2": at_ms + 6000})
         info = {
@@ -74,7 +73,7 @@ def test_silent_workers_are_marked_stale(redis_client: redis.Redis, key_prefix: 
             "capacity": 2,
             "pools": [{"profile": "", "size": 4, "in_use": 1, "idle": 2, "waiting": 0}],
         }
-        redis_client.set(heartbeat.info_key(keys, token), json.dumps(info))
+        redis_client.set(keys.worker_info(token), json.dumps(info))
 
     beat("1-aaaa", 0.5, counted=True, node="alive@box")
     beat("2-bbbb", 40, counted=False, node="dead@box")

@@ -44,9 +44,9 @@ def test_a_beat_writes_queues_pools_and_when() -> None:
         before = time.time()
         await Dispatcher(rt, lambda job: None)._heartbeat()  # type: ignore[arg-type]
         keys = rt.store.keys
-        seen = await rt.redis.zscore(heartbeat.seen_key(keys), rt.token)
-        raw = await rt.redis.get(heartbeat.info_key(keys, rt.token))
-        ttl = await rt.redis.pttl(heartbeat.info_key(keys, rt.token))
+        seen = await rt.redis.zscore(keys.workers_seen(), rt.token)
+        raw = await rt.redis.get(keys.worker_info(rt.token))
+        ttl = await rt.redis.pttl(keys.worker_info(rt.token))
         assert seen is not None and before * 1000 - 1 <= seen <= time.time() * 1000 + 1
         return heartbeat.parse_info(raw), ttl, seen
 
@@ -72,8 +72,8 @@ def test_a_clean_stop_removes_the_description() -> None:
         await dispatcher.run_forever()  # stopping: no round, only the clean-up
         keys = rt.store.keys
         return (
-            await rt.redis.zcard(heartbeat.seen_key(keys)),
-            await rt.redis.exists(heartbeat.info_key(keys, rt.token)),
+            await rt.redis.zcard(keys.workers_seen()),
+            await rt.redis.exists(keys.worker_info(rt.token)),
         )
 
     assert asyncio.run(main()) == (0, 0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 import urllib.parse
 
 import redis
@@ -169,12 +168,9 @@ def test_a_search_of_a_large_list_stops_after_its_budget(
         pipe.hset(key, mapping={f"u{i}@example.com": entry for i in range(start, start + 5000)})
     pipe.execute()
     with dashboard(key_prefix) as client:
-        started = time.perf_counter()
         main = page(client, "/suppression?q=nobody-matches-this", "suppression")
-        elapsed = time.perf_counter() - started
         assert _rows(main) == {}
         assert main.select("a", rel="next"), "a search that ran out of budget offers to go on"
-        assert elapsed < 2.0, f"{elapsed:.3f} s"  # bounded work (the budget), not the list
         exact = page(client, f"/suppression?q=u{n - 1}@example.com", "suppression")
         assert f"u{n - 1}@example.com" in _rows(exact)  # an exact address is found at once
 
@@ -233,43 +229,3 @@ def test_a_post_without_its_csrf_token_is_refused(
         )
         assert forged.status_code == 403
     assert not listed.contains("a@example.com")
-
-
-def test_pages_render_in_under_100ms(redis_client: redis.Redis, key_prefix: str) -> None:
-    """A 200,000-address list, 50 campaigns (5 paused), three profiles: the server's own time
-    (Server-Timing), best of 3, for the suppression, limits and workers pages."""
-    from ses_tasks.store.tracking import StatusStore
-
-    key = f"{key_prefix}:suppressed"
-    entry = b'{"reason": "Permanent bounce", "at": 1700000000, "source": "feedback"}'
-    pipe = redis_client.pipeline(transaction=False)
-    for start in range(0, 200_000, 10_000):
-        pipe.hset(
-            key,
-            mapping={f"user{i}@example{i % 97}.com": entry for i in range(start, start + 10_000)},
-        )
-    pipe.execute()
-    store = StatusStore(redis_client, key_prefix=key_prefix)
-    for n in range(50):
-        store.create_campaign(f"c{n:02d}", meta={"subject": f"Subject {n}"})
-        if n % 10 == 0:
-            store.pause(f"c{n:02d}", "bounce rate over 5%", kind="feedback")
-    profiles = {"eu": {"region": "eu-west-1"}, "ap": {"region": "ap-south-1"}}
-    paths = (
-        "/suppression",
-        "/suppression?q=nobody-matches-this",
-        "/suppression?q=user123456@example72.com",
-        "/limits",
-        "/workers",
-    )
-    with dashboard(key_prefix, profiles=profiles) as client:
-        for path in paths:
-            times = []
-            for _ in range(3):
-                response = client.get(path)
-                assert response.status_code == 200
-                times.append(float(response.headers["server-timing"].split("dur=")[1]))
-            assert min(times) < 100, (path, times)
-        assert len(_rows(page(client, "/suppression", "suppression"))) >= PAGE_SIZE
-        paused = page(client, "/limits", "limits").one("table", id="paused")
-        assert len([tr for tr in paused.select("tr") if "data-campaign" in tr.attrs]) == 5

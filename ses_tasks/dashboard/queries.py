@@ -12,7 +12,6 @@ runs a row may move between pages, as SSCAN allows.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import math
 import re
@@ -26,7 +25,7 @@ import redis.asyncio as aioredis
 from ses_tasks.errors import ValidationError
 from ses_tasks.keys import CAMPAIGN_ID_RE, Keys
 from ses_tasks.states import FINAL_STATES, CampaignState
-from ses_tasks.store.timeline import BUCKET_S, TimelinePoint, rate_now, read_timeline
+from ses_tasks.store.timeline import BUCKET_S, TimelinePoint, rate_now, rates_now, read_timeline
 from ses_tasks.store.tracking import CampaignStatus, MessageRecord, parse_campaign, parse_message
 
 __all__ = [
@@ -192,7 +191,7 @@ async def recent_campaigns(
     redis: aioredis.Redis, keys: Keys, *, limit: int = LIST_LIMIT, now: float | None = None
 ) -> list[CampaignView]:
     """The ``limit`` most recent campaigns: their ids, then their hashes in one pipeline,
-    then the rate of those that may be sending (concurrently)."""
+    then the rate of those that may be sending (one more pipeline)."""
     now = time.time() if now is None else now
     ids = [_text(i) for i in await redis.zrevrange(keys.campaigns_index(), 0, limit - 1)]
     if not ids:
@@ -202,10 +201,10 @@ async def recent_campaigns(
         pipe.hgetall(keys.campaign(campaign_id))
     raws = await pipe.execute()
     views = [v for cid, raw in zip(ids, raws, strict=True) if (v := _view(cid, raw, 0.0))]
-    rates = await asyncio.gather(*(_rate(redis, keys, v.status, now) for v in views))
+    sending = [v.id for v in views if _sending(v.status, now)]
+    rates = await rates_now(redis, keys, sending, window_s=RATE_WINDOW_S, now=now)
     return [
-        CampaignView(v.status, rate, v.hard_bounced, v.complained)
-        for v, rate in zip(views, rates, strict=True)
+        CampaignView(v.status, rates.get(v.id, 0.0), v.hard_bounced, v.complained) for v in views
     ]
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "TimelinePoint",
     "bucket_start",
     "rate_now",
+    "rates_now",
     "read_timeline",
 ]
 
@@ -66,36 +67,56 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def _read_buckets(
-    redis: aioredis.Redis, keys: Keys, campaign_id: str, first: int, last: int
-) -> list[TimelinePoint]:
-    """Points for the buckets starting at ``first`` .. ``last`` (inclusive), one round trip.
+class _Window:
+    """The reads for buckets ``first`` .. ``last`` (inclusive) of one campaign, queued on a
+    pipeline that may carry other campaigns' windows too.
 
     An hour the window covers whole is read with HGETALL (only buckets that saw traffic
     come back); a partial hour with HMGET of its buckets (a short window stays cheap).
     """
-    starts = range(first, last + BUCKET_S, BUCKET_S)
-    hours: dict[int, list[int]] = {}
-    for t in starts:
-        hours.setdefault(t // _HOUR_S, []).append(t)
+
+    def __init__(self, keys: Keys, campaign_id: str, first: int, last: int) -> None:
+        self.starts = range(first, last + BUCKET_S, BUCKET_S)
+        self.hours: dict[int, list[int]] = {}
+        for t in self.starts:
+            self.hours.setdefault(t // _HOUR_S, []).append(t)
+        self.keys = keys
+        self.campaign_id = campaign_id
+
+    def queue(self, pipe: Any) -> int:
+        """Queue the reads; returns how many replies they take."""
+        for hour, ts in self.hours.items():
+            key = self.keys.timeline(self.campaign_id, hour)
+            if len(ts) == _PER_HOUR:
+                pipe.hgetall(key)
+            else:
+                pipe.hmget(key, [f"{t}:{kind}" for t in ts for kind in "sf"])
+        return len(self.hours)
+
+    def points(self, replies: list[Any]) -> list[TimelinePoint]:
+        counts: dict[str, int] = {}
+        for (_, ts), reply in zip(self.hours.items(), replies, strict=True):
+            if isinstance(reply, dict):
+                counts.update((_text(k), int(v)) for k, v in reply.items())
+            else:
+                fields = [f"{t}:{kind}" for t in ts for kind in "sf"]
+                counts.update(
+                    (f, int(v)) for f, v in zip(fields, reply, strict=True) if v is not None
+                )
+        return [
+            TimelinePoint(float(t), counts.get(f"{t}:s", 0), counts.get(f"{t}:f", 0))
+            for t in self.starts
+        ]
+
+
+async def _read_buckets(
+    redis: aioredis.Redis, keys: Keys, campaign_id: str, first: int, last: int
+) -> list[TimelinePoint]:
+    """Points for the buckets starting at ``first`` .. ``last`` (inclusive), one round trip."""
+    window = _Window(keys, campaign_id, first, last)
     pipe = redis.pipeline(transaction=False)
-    for hour, ts in hours.items():
-        key = keys.timeline(campaign_id, hour)
-        if len(ts) == _PER_HOUR:
-            pipe.hgetall(key)
-        else:
-            pipe.hmget(key, [f"{t}:{kind}" for t in ts for kind in "sf"])
-    replies = await pipe.execute()
-    counts: dict[str, int] = {}
-    for (_, ts), reply in zip(hours.items(), replies, strict=True):
-        if isinstance(reply, dict):
-            counts.update((_text(k), int(v)) for k, v in reply.items())
-        else:
-            fields = [f"{t}:{kind}" for t in ts for kind in "sf"]
-            counts.update((f, int(v)) for f, v in zip(fields, reply, strict=True) if v is not None)
-    return [
-        TimelinePoint(float(t), counts.get(f"{t}:s", 0), counts.get(f"{t}:f", 0)) for t in starts
-    ]
+    window.queue(pipe)
+    return window.points(await pipe.execute())
 
 
 async def read_timeline(
@@ -120,6 +141,18 @@ async def read_timeline(
     )
 
 
+def _rate_window(keys: Keys, campaign_id: str, window_s: float, now: float) -> _Window:
+    """The complete buckets of the last ``window_s``: the bucket holding ``now`` is left
+    out, it is still filling and would read low."""
+    n = int(window_s // BUCKET_S)
+    current = bucket_start(now)
+    return _Window(keys, campaign_id, current - n * BUCKET_S, current - BUCKET_S)
+
+
+def _rate(points: list[TimelinePoint], window_s: float) -> float:
+    return sum(p.sent for p in points) / (int(window_s // BUCKET_S) * BUCKET_S)
+
+
 async def rate_now(
     redis: aioredis.Redis,
     keys: Keys,
@@ -128,16 +161,33 @@ async def rate_now(
     window_s: float = 30,
     now: float | None = None,
 ) -> float:
-    """Messages sent per second over the last ``window_s // BUCKET_S`` complete buckets.
+    """Messages sent per second over the last ``window_s // BUCKET_S`` complete buckets."""
+    rates = await rates_now(redis, keys, [campaign_id], window_s=window_s, now=now)
+    return rates[campaign_id]
 
-    The bucket holding ``now`` is left out: it is still filling and would read low.
-    """
-    _check_campaign(campaign_id)
+
+async def rates_now(
+    redis: aioredis.Redis,
+    keys: Keys,
+    campaign_ids: list[str],
+    *,
+    window_s: float = 30,
+    now: float | None = None,
+) -> dict[str, float]:
+    """``rate_now`` of many campaigns in one round trip (a page lists up to 50)."""
+    for campaign_id in campaign_ids:
+        _check_campaign(campaign_id)
     _check_span("window_s", window_s, BUCKET_S)
     now = time.time() if now is None else now
-    n = int(window_s // BUCKET_S)
-    current = bucket_start(now)
-    points = await _read_buckets(
-        redis, keys, campaign_id, current - n * BUCKET_S, current - BUCKET_S
-    )
-    return sum(p.sent for p in points) / (n * BUCKET_S)
+    windows = [_rate_window(keys, cid, window_s, now) for cid in campaign_ids]
+    if not windows:
+        return {}
+    pipe = redis.pipeline(transaction=False)
+    sizes = [w.queue(pipe) for w in windows]
+    replies = await pipe.execute()
+    rates: dict[str, float] = {}
+    at = 0
+    for window, size in zip(windows, sizes, strict=True):
+        rates[window.campaign_id] = _rate(window.points(replies[at : at + size]), window_s)
+        at += size
+    return rates

@@ -15,12 +15,15 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from ses_tasks.keys import Keys
 from ses_tasks.states import MessageState
 from ses_tasks.store.timeline import (
     BUCKET_S,
     KEEP_HOURS,
     TimelinePoint,
+    bucket_start,
     rate_now,
+    rates_now,
     read_timeline,
 )
 from ses_tasks.store.tracking import AsyncStatusStore, Settlement, StatusStore, Transition
@@ -227,3 +230,22 @@ def test_a_campaign_sent_by_real_workers_adds_up(make_pipeline: Any) -> None:
     assert again.counts["failed"] == 2
     second = points()
     assert sum(p.sent for p in second) == 60 and sum(p.failed for p in second) == 4
+
+
+def test_rates_now_reads_many_campaigns_at_once(key_prefix: str) -> None:
+    keys = Keys(key_prefix)
+    now = float(HOUR) + 1  # the window reaches back into the previous hour's hash
+
+    async def go(redis: aioredis.Redis) -> tuple[dict[str, float], list[float]]:
+        for n, cid in enumerate(("a", "b", "c")):
+            for back in range(1, 7):  # the six complete buckets before now's
+                t = bucket_start(now) - back * BUCKET_S
+                await redis.hincrby(keys.timeline(cid, t // 3600), f"{t}:s", 10 * (n + 1))
+        rates = await rates_now(redis, keys, ["a", "b", "c", "none"], window_s=30, now=now)
+        one_by_one = [await rate_now(redis, keys, c, window_s=30, now=now) for c in rates]
+        assert await rates_now(redis, keys, [], now=now) == {}
+        return rates, one_by_one
+
+    rates, one_by_one = run(go)
+    assert rates == {"a": 2.0, "b": 4.0, "c": 6.0, "none": 0.0}
+    assert one_by_one == list(rates.values())

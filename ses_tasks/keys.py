@@ -144,3 +144,10 @@ class Keys:
     def transient_bounces(self, email: str) -> str:
         """Sorted set of one address's transient bounces (member: SES id, score: time)."""
         return f"{self.prefix}:fb:transient:{email}"
+
+    # Dashboard (ses_tasks.dashboard) ---------------------------------------------------------
+
+    def dashboard_revoked(self, sid: str) -> str:
+        """A dashboard session id logged out before its cookie expires (TTL: its remaining
+        lifetime): a copied cookie must not outlive the logout."""
+        return f"{self.prefix}:dashboard:revoked:{sid}"

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+import redis
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -30,10 +31,16 @@ from starlette.templating import Jinja2Templates
 from ses_tasks.config import Settings, load_settings
 from ses_tasks.dashboard.security import (
     SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
     DashboardAuth,
+    FailureLimiter,
     SecurityMiddleware,
+    Session,
+    SessionStoreError,
     Signer,
+    client_address,
     csrf_token,
+    note_failure,
     session_of,
 )
 from ses_tasks.keys import Keys
@@ -68,6 +75,7 @@ class DashboardContext:
     auth: DashboardAuth
     signer: Signer
     read_only: bool = False
+    limiter: FailureLimiter = field(default_factory=FailureLimiter)
     _redis: aioredis.Redis | None = field(default=None, repr=False)
     _client: SesTasks | None = field(default=None, repr=False)
     _feedback: FeedbackSettings | None = field(default=None, repr=False)
@@ -80,6 +88,23 @@ class DashboardContext:
         if self._redis is None:
             self._redis = async_redis(self.settings.redis_url, settings=self.settings)
         return self._redis
+
+    async def is_revoked(self, sid: str) -> bool:
+        """Whether session ``sid`` was logged out (one ``EXISTS``)."""
+        try:
+            return bool(await self.redis.exists(self.keys.dashboard_revoked(sid)))
+        except (redis.RedisError, OSError) as exc:
+            raise SessionStoreError(f"cannot check sessions: {type(exc).__name__}") from exc
+
+    async def revoke(self, session: Session) -> None:
+        """Ends ``session`` for every copy of its cookie, until it would have expired."""
+        remaining_s = session.issued + SESSION_MAX_AGE_S - int(time.time())
+        if remaining_s <= 0:
+            return
+        try:
+            await self.redis.set(self.keys.dashboard_revoked(session.sid), "1", ex=remaining_s)
+        except (redis.RedisError, OSError) as exc:
+            raise SessionStoreError(f"cannot end the session: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         client, self._redis = self._redis, None
@@ -209,8 +234,7 @@ async def login_post(request: Request) -> Response:
     if not context.auth.configured:
         ok = True
     if not ok:
-        peer = request.client.host if request.client else "?"
-        log.warning("dashboard: failed login from %s", peer)
+        note_failure(context.limiter, client_address(request.scope), "login form")
         return await login_page(request, error="Wrong credentials.", status_code=401)
     session = context.signer.new_session(authenticated=True)
     response = RedirectResponse(root(request) + _safe_next(wanted), 303)
@@ -222,6 +246,19 @@ async def login_post(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
+    """Revokes the session in Redis, so a copy of its cookie stops working too; when that
+    cannot be recorded, says so (503) and keeps the cookie, so the user can try again."""
+    context = dash(request)
+    session = session_of(request)
+    if context.auth.configured and session is not None and session.authenticated:
+        try:
+            await context.revoke(session)
+        except SessionStoreError as exc:
+            log.warning("dashboard: logout not recorded: %s", exc)
+            return PlainTextResponse(
+                "logout failed: the session store (Redis) is unreachable; try again",
+                status_code=503,
+            )
     response = RedirectResponse(root(request) + "/login", 303)
     response.headers.append(
         "set-cookie",
@@ -254,6 +291,7 @@ def create_app(
     auth: DashboardAuth | None = None,
     feedback: bool = False,
     secret_key: bytes | None = None,
+    limiter: FailureLimiter | None = None,
 ) -> Starlette:
     """The dashboard, secure by default.
 
@@ -264,8 +302,14 @@ def create_app(
     the SNS endpoint (``ses_tasks.feedback.asgi``) at ``/sns``, outside the dashboard's
     authentication and CSRF checks (SNS messages are verified by signature).
     ``secret_key`` signs sessions and CSRF tokens; by default a random one per process, so
-    a restart logs everybody out.
+    a restart logs everybody out. ``limiter`` counts failed logins (default: 10 per client
+    address in 5 minutes, 100 in all per minute, then 429).
+
+    Failed logins are WARNINGs on ``ses_tasks.dashboard``; when that logger would drop
+    them (the CLI's default ERROR level), it is set to WARNING.
     """
+    if log.level == logging.NOTSET and not log.isEnabledFor(logging.WARNING):
+        log.setLevel(logging.WARNING)
     settings = settings or load_settings()
     auth = auth if auth is not None else DashboardAuth.from_settings(settings)
     signer = Signer(secret_key, auth)
@@ -276,6 +320,7 @@ def create_app(
         auth=auth,
         signer=signer,
         read_only=read_only,
+        limiter=limiter if limiter is not None else FailureLimiter(),
     )
     exempt: tuple[str, ...] = ()
     routes: list[BaseRoute] = [
@@ -287,7 +332,10 @@ def create_app(
     if feedback:
         from ses_tasks.feedback.asgi import create_app as create_feedback_app
 
-        routes.append(Mount("/sns", app=create_feedback_app(), name="sns"))
+        feedback_app = create_feedback_app()
+        # ``/sns`` itself too: a Mount alone answers it with a redirect built from ``Host``.
+        routes.append(Route("/sns", endpoint=feedback_app, name="sns-exact"))
+        routes.append(Mount("/sns", app=feedback_app, name="sns"))
         exempt = ("/sns",)
     routes += _page_routes()
 
@@ -313,6 +361,8 @@ def create_app(
                 read_only=read_only,
                 login_page=unauthorized_page,
                 exempt_prefixes=exempt,
+                limiter=context.limiter,
+                revoked=context.is_revoked,
             )
         ],
     )

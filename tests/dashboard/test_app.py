@@ -87,8 +87,17 @@ def test_bind_beyond_loopback_needs_credentials() -> None:
         check_bind("0.0.0.0", DashboardAuth())
     assert "SES_TASKS_DASHBOARD_TOKEN" in str(err.value)
     assert "SES_TASKS_DASHBOARD_USER" in str(err.value)
-    check_bind("0.0.0.0", DashboardAuth(token="t0ken"))
+    check_bind("0.0.0.0", DashboardAuth(token="t" * 16))
     check_bind("0.0.0.0", DashboardAuth(user="ops", password="pw"))
+
+
+def test_bind_beyond_loopback_refuses_a_short_token() -> None:
+    """A short token is guessable even at 10 guesses per address per 5 minutes."""
+    check_bind("127.0.0.1", DashboardAuth(token="t0ken"))  # this machine only: allowed
+    with pytest.raises(ConfigurationError) as err:
+        check_bind("0.0.0.0", DashboardAuth(token="t" * 15))
+    assert err.value.setting == "SES_TASKS_DASHBOARD_TOKEN"
+    assert "16" in str(err.value) and "t" * 15 not in str(err.value)
 
 
 def test_cli_refuses_public_bind_without_credentials(key_prefix: str) -> None:
@@ -302,3 +311,27 @@ def test_feedback_mount_is_outside_dashboard_auth(key_prefix: str) -> None:
         assert health.status_code == 200
         assert health.headers["content-security-policy"] == CSP
         assert c.get("/").status_code == 401  # the dashboard itself still needs the token
+
+
+def test_feedback_at_the_documented_url_without_a_redirect(key_prefix: str) -> None:
+    """``POST /sns`` (what the CLI prints and the docs subscribe) reaches the handler: no
+    307 to ``/sns/`` built from a ``Host`` the client chose."""
+    settings = load_settings(key_prefix=key_prefix, dashboard_token="s3cret-token")
+    with env_vars(SES_TASKS_FEEDBACK_ALLOW_ANY_TOPIC="true"):
+        app = create_app(settings=settings, feedback=True)
+    with TestClient(app, base_url="https://evil.example") as c:
+        for path in ("/sns", "/sns/"):
+            response = c.post(path, content=b"not json", follow_redirects=False)
+            assert "location" not in response.headers, path
+            # the handler's own refusal: it read the body
+            assert (response.status_code, response.json()) == (400, {"result": "body is not JSON"})
+            assert response.headers["content-security-policy"] == CSP
+        assert c.get("/sns", follow_redirects=False).status_code == 405  # POST only, no redirect
+
+
+def test_cli_refuses_public_bind_with_a_short_token(key_prefix: str) -> None:
+    with env_vars(SES_TASKS_KEY_PREFIX=key_prefix, SES_TASKS_DASHBOARD_TOKEN="short-token"):
+        result = CliRunner().invoke(main, ["dashboard", "--host", "0.0.0.0", "--port", "0"])
+    assert result.exit_code == 2
+    assert "SES_TASKS_DASHBOARD_TOKEN" in result.output and "16" in result.output
+    assert "short-token" not in result.output

@@ -6,14 +6,10 @@ Wired into ``ses_tasks.ops.cli`` by ``main.add_command(feedback)`` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
-import socket
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -62,12 +58,6 @@ def feedback() -> None:
     """Delivery feedback: SES bounce, complaint and delivery notifications via SNS."""
 
 
-#: How long a stop (SIGTERM, Ctrl-C) waits for requests in flight before cancelling them.
-SHUTDOWN_GRACE_S = 15
-#: Request paths in the access log are cut to this many characters, like logged SNS values.
-_LOGGED_PATH_CHARS = 80
-
-
 @feedback.command("serve")
 @click.option("--host", default=None, help="Address to listen on [SES_TASKS_FEEDBACK_HOST].")
 @click.option(
@@ -98,12 +88,9 @@ def serve_command(
     account's messages alike, so only the topic says a bounce or complaint is yours.
     SIGTERM or Ctrl-C stops it cleanly: requests in flight are finished, then exit 0.
     """
-    import ssl
-
-    import uvicorn
-
     from ses_tasks.feedback.asgi import FeedbackApp
     from ses_tasks.feedback.settings import load_feedback_settings
+    from ses_tasks.ops.serve import serve
 
     if ssl_keyfile is not None and ssl_certfile is None:
         raise click.UsageError("--ssl-keyfile needs --ssl-certfile")
@@ -116,95 +103,16 @@ def serve_command(
         receiver_log.setLevel(logging.INFO)
     app = FeedbackApp(feedback_settings=fb)
     app.handler  # noqa: B018 - built now: bad settings end here as one error line
-    host = host or fb.host
-    config = uvicorn.Config(
+    serve(
         app,
-        host=host,
+        name="feedback receiver",
+        host=host or fb.host,
         port=fb.port if port is None else port,
-        lifespan="on",
-        ws="none",  # SNS posts; nothing here speaks WebSocket
-        log_config=None,  # ours: the ``ses-tasks`` format on stderr
-        log_level=logging.INFO,
-        server_header=False,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        announce=lambda url: receiver_log.info("feedback receiver listening on %s", url),
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
     )
-    access_log = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, _AccessLogFilter) for f in access_log.filters):
-        access_log.addFilter(_AccessLogFilter())
-    try:
-        config.load()
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(
-            "--ssl-certfile", f"cannot load the certificate and key: {exc}"
-        ) from None
-    server = _uvicorn_server(config)
-    try:
-        server.run()
-    except SystemExit as exc:
-        if exc.code != uvicorn.config.STARTUP_FAILURE:
-            raise
-        click.echo(
-            f"ses-tasks: error: the feedback receiver did not start on {host}:{config.port}"
-            " (see the error above)",
-            err=True,
-        )
-        sys.exit(1)
     receiver_log.info("feedback receiver stopped")
-
-
-class _AccessLogFilter(logging.Filter):
-    """uvicorn's access line without the query string (a subscription URL may carry a token)
-    and with the path cut short: nothing a client sends can put a secret or a flood in it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            path = args[2].partition("?")[0]
-            if len(path) > _LOGGED_PATH_CHARS:
-                path = path[:_LOGGED_PATH_CHARS] + "..."
-            record.args = (args[0], args[1], path, args[3], args[4])
-        return True
-
-
-def _uvicorn_server(config: Any) -> Any:
-    """A ``uvicorn.Server`` that logs each address it listens on (with the port chosen for
-    ``--port 0``: tests read it) and ends cleanly on SIGTERM as on Ctrl-C. uvicorn re-raises
-    the signal after its graceful shutdown, which would end the process by SIGTERM or as
-    "interrupted" (130); here the shutdown is the end, and the command exits 0."""
-    import uvicorn
-
-    receiver_log = logging.getLogger("ses_tasks.feedback")
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if not self.started:
-                return
-            scheme = "https" if self.config.is_ssl else "http"
-            for server in self.servers:
-                for sock in server.sockets:
-                    address, port = sock.getsockname()[:2]
-                    shown = f"[{address}]" if ":" in address else address
-                    receiver_log.info(
-                        "feedback receiver listening on %s://%s:%d/", scheme, shown, port
-                    )
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield  # signals reach the main thread only
-                return
-            handled = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server(config)
 
 
 @feedback.command("ingest")

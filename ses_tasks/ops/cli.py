@@ -1045,23 +1045,33 @@ def dashboard(host: str, port: int, read_only: bool, with_feedback: bool) -> Non
     """Serve the web dashboard: campaigns, suppression, limits, workers.
 
     Without credentials configured it only serves on a loopback address; with them, every
-    request must present them (docs/dashboard.md). Runs until interrupted.
+    request must present them (docs/dashboard.md). Runs until SIGTERM or Ctrl-C
+    (then exits 0).
     """
-    import uvicorn
-
     from ses_tasks.dashboard import DashboardAuth, check_bind, create_app
+    from ses_tasks.ops.serve import serve
 
     settings = _settings()
     check_bind(host, DashboardAuth.from_settings(settings))  # exit 2 before listening
     app = create_app(settings=settings, read_only=read_only, feedback=with_feedback)
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"ses-tasks dashboard on http://{shown}:{port}/"
-        + (" (read-only)" if read_only else "")
-        + (f", SNS feedback at http://{shown}:{port}/sns" if with_feedback else ""),
-        err=True,
+
+    def announce(url: str) -> None:
+        click.echo(
+            f"ses-tasks dashboard on {url}"
+            + (" (read-only)" if read_only else "")
+            + (f", SNS feedback at {url}sns" if with_feedback else ""),
+            err=True,
+        )
+
+    serve(
+        app,
+        name="dashboard",
+        host=host,
+        port=port,
+        announce=announce,
+        log_level=logging.WARNING,
+        lifespan="auto",
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
 
 
 @main.command(

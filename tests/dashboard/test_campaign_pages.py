@@ -241,3 +241,26 @@ def test_a_campaign_waiting_for_its_send_at_shows_scheduled(
     assert page.by_id("state").text == "scheduled"
     (shown,) = http.get("/api/campaigns").json()["campaigns"]
     assert (shown["state"], shown["stored_state"]) == ("scheduled", "running")
+
+
+def test_csv_defuses_formulas_split_off_at_semicolons(http: TestClient, client: SesTasks) -> None:
+    """Excel in de/fr/nl splits a .csv at ';': no cell may start a formula there either."""
+    client.send_campaign(
+        from_="news@example.com",
+        subject="s",
+        text="t",
+        recipients=[{"email": "x@example.com", "name": "Bob;@SUM(1+1)"}],
+        campaign_id="semi",
+    )
+    reason = "550 5.1.1 mailbox unavailable;=cmd|' /C calc'!A0"
+    record(
+        client, "semi", stored_items(client, "semi"), MessageState.FAILED, code=550, reason=reason
+    )
+    text = http.get("/campaigns/semi/failures.csv").text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["reason"], r["name"]) for r in rows] == [
+        (reason.replace(";=", ";'="), "Bob;'@SUM(1+1)")
+    ]
+    split = [cell for row in csv.reader(io.StringIO(text), delimiter=";") for cell in row]
+    assert any(cell.startswith("'=cmd") for cell in split)  # split there, and defused
+    assert not [cell for cell in split if cell.lstrip(' "')[:1] in ("=", "+", "-", "@")]

@@ -229,3 +229,38 @@ def test_a_post_without_its_csrf_token_is_refused(
         )
         assert forged.status_code == 403
     assert not listed.contains("a@example.com")
+
+
+def test_notices_show_only_a_canonical_address_from_the_url(key_prefix: str) -> None:
+    """The notice is built from the redirect's query: a crafted link must not make the page
+    say anything but an address."""
+    lure = "support@yourbank.example - your account is locked, call 555-0100"
+    with dashboard(key_prefix) as client:
+
+        def notice(**query: str) -> str:
+            main = page(client, "/suppression?" + urllib.parse.urlencode(query), "suppression")
+            return main.one("p", id="notice").text
+
+        assert notice(done="remove", email=lure) == "Removed the address from the list."
+        assert notice(done="absent", email=lure) == "The address was not on the list."
+        assert notice(done="add", q=lure) == "Suppressed the address."
+        generic = "Removed the address from the list."
+        assert notice(done="remove", email="Bob <bob@example.com>") == generic
+        assert notice(done="remove", email="Bob@Example.com") == generic  # not canonical
+        shown = "bob@example.com"
+        assert notice(done="remove", email=shown) == f"Removed {shown} from the list."
+        assert notice(done="absent", email=shown) == f"{shown} was not on the list."
+        assert notice(done="add", q="bob@example.com") == "Suppressed bob@example.com."
+
+
+def test_export_defuses_formulas_split_off_at_semicolons(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    reason = "550 5.1.1 mailbox unavailable;=cmd|' /C calc'!A0"
+    SuppressionList(redis_client, key_prefix=key_prefix).add(["s@example.com"], reason=reason)
+    with dashboard(key_prefix) as client:
+        text = client.get("/suppression.csv").text
+    assert list(csv.reader(io.StringIO(text)))[1][1] == reason.replace(";=", ";'=")
+    split = [cell for row in csv.reader(io.StringIO(text), delimiter=";") for cell in row]
+    assert any(cell.startswith("'=cmd") for cell in split)  # split there, and defused
+    assert not [cell for cell in split if cell.lstrip(' "')[:1] in ("=", "+", "-", "@")]

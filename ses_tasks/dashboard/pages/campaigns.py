@@ -7,8 +7,6 @@ retry-failed``, in a worker thread, so they behave exactly as the CLI's.
 
 from __future__ import annotations
 
-import csv
-import io
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from ses_tasks.dashboard.app import dash, root
 from ses_tasks.dashboard.chart import build_chart
+from ses_tasks.dashboard.csvsafe import csv_line
 from ses_tasks.dashboard.queries import (
     CampaignView,
     FailureRow,
@@ -208,30 +207,9 @@ async def campaign_json(request: Request) -> Response:
 # Failures CSV -----------------------------------------------------------------------------
 
 
-def _cell(value: Any) -> str:
-    """A CSV cell a spreadsheet will not run as a formula (OWASP CSV injection)."""
-    text = "" if value is None else str(value)
-    if text and text[0] in "=+-@\t\r":
-        return "'" + text
-    return text
-
-
-def _csv_line(values: tuple[Any, ...]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(values)
-    return out.getvalue()
-
-
 def _csv_row(row: FailureRow) -> tuple[Any, ...]:
     r = row.record
-    return (
-        _cell(r.email or ""),
-        r.state.value,
-        r.code or "",
-        _cell(r.reason),
-        r.message_id,
-        _cell(row.name),
-    )
+    return (r.email or "", r.state.value, r.code or "", r.reason, r.message_id, row.name)
 
 
 async def failures_csv(request: Request) -> Response:
@@ -243,9 +221,9 @@ async def failures_csv(request: Request) -> Response:
         return _not_found(request, campaign_id)
 
     async def lines() -> AsyncIterator[str]:
-        yield _csv_line(CSV_COLUMNS)
+        yield csv_line(CSV_COLUMNS)
         async for row in iter_failures(context.redis, context.keys, campaign_id):
-            yield _csv_line(_csv_row(row))
+            yield csv_line(_csv_row(row))
 
     return StreamingResponse(
         lines(),

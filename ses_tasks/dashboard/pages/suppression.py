@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 
 from ses_tasks.dashboard.admin_queries import iter_suppressed, suppression_page
 from ses_tasks.dashboard.app import dash, root
-from ses_tasks.dashboard.csvsafe import csv_line
+from ses_tasks.dashboard.csvsafe import csv_line, in_chunks
 from ses_tasks.errors import ValidationError
 from ses_tasks.message.address import canonical_address
 from ses_tasks.store.suppression import EXPORT_FIELDS, SuppressionEntry
@@ -183,7 +183,7 @@ async def suppression_csv(request: Request) -> Response:
             yield csv_line(_csv_row(entry))
 
     return StreamingResponse(
-        lines(),
+        in_chunks(lines()),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": 'attachment; filename="suppression.csv"'},
     )

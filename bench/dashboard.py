@@ -128,6 +128,7 @@ def time_pages(settings: Any, runs: int) -> list[dict[str, Any]]:
         link = NEXT_LINK.search(page.text)
         href = HREF.search(link.group(0)) if link else None
         paths = [
+            "/static/dashboard.css",  # the floor: the same client, middleware and headers
             "/",
             f"/campaigns/{BIG}",
             *([unescape(href.group(1))] if href else []),
@@ -152,13 +153,26 @@ def time_pages(settings: Any, runs: int) -> list[dict[str, Any]]:
                 "max_ms": round(times[-1], 2),
                 "bytes": len(response.content),
             })  # fmt: skip
+        floor = results[0]["p50_ms"]
+        for result in results:
+            result["vs_static_floor"] = round(result["p50_ms"] / floor, 1)
         t0 = time.perf_counter()
         csv_response = http.get(f"/campaigns/{BIG}/failures.csv")
         csv_response.raise_for_status()
+        csv_s = time.perf_counter() - t0
+        # The baseline: the CLI's export (``ses-tasks campaign failures``), the sync store.
+        from ses_tasks.produce.client import SesTasks
+
+        t0 = time.perf_counter()
+        cli_rows = sum(1 for _ in SesTasks(settings).failures(BIG))
+        cli_s = time.perf_counter() - t0
         results.append({
             "path": f"/campaigns/{BIG}/failures.csv",
-            "whole_s": round(time.perf_counter() - t0, 2),
+            "whole_s": round(csv_s, 2),
             "rows": csv_response.text.count("\n") - 1,
+            "cli_failures_s": round(cli_s, 2),
+            "cli_rows": cli_rows,
+            "vs_cli": round(csv_s / cli_s, 2),
         })  # fmt: skip
     return results
 

@@ -42,6 +42,7 @@ from ses_tasks.dashboard.security import (
     csrf_token,
     note_failure,
     session_of,
+    too_many_response,
 )
 from ses_tasks.keys import Keys
 from ses_tasks.store.connections import async_redis
@@ -228,13 +229,19 @@ async def login_post(request: Request) -> Response:
         user = str(form.get("user") or "")
         password = str(form.get("password") or "")
         wanted = str(form.get("next") or "/")
+    client = client_address(request.scope)
+    # Again, with no await from here to the count: failures of requests whose bodies were
+    # read meanwhile (a burst of concurrent guesses) must stop this one too.
+    wait_s = context.limiter.retry_after_s(client) if context.auth.configured else 0.0
+    if wait_s > 0:
+        return too_many_response(wait_s)
     ok = (token and context.auth.check_token(token)) or (
         user and context.auth.check_user(user, password)
     )
     if not context.auth.configured:
         ok = True
     if not ok:
-        note_failure(context.limiter, client_address(request.scope), "login form")
+        note_failure(context.limiter, client, "login form")
         return await login_page(request, error="Wrong credentials.", status_code=401)
     session = context.signer.new_session(authenticated=True)
     response = RedirectResponse(root(request) + _safe_next(wanted), 303)

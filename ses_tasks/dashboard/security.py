@@ -80,6 +80,7 @@ __all__ = [
     "note_failure",
     "route_path",
     "session_of",
+    "too_many_response",
 ]
 
 log = logging.getLogger("ses_tasks.dashboard")
@@ -282,14 +283,14 @@ class FailureLimiter:
 
     def retry_after_s(self, client: str) -> float:
         """Seconds ``client`` must wait before its credentials are looked at; 0: now."""
-        return max(self._global_wait_s(), self._client_wait_s(client))
+        return max(self.global_wait_s(), self.client_wait_s(client))
 
-    def _global_wait_s(self) -> float:
+    def global_wait_s(self) -> float:
         if len(self._all) < self.total:
             return 0.0
         return max(self._all[0] + self.total_window_s - self._clock(), 0.0)
 
-    def _client_wait_s(self, client: str) -> float:
+    def client_wait_s(self, client: str) -> float:
         times = self._clients.get(client)
         if times is None or len(times) < self.per_client:
             return 0.0
@@ -298,7 +299,7 @@ class FailureLimiter:
     def failed(self, client: str) -> str | None:
         """Counts one failure of ``client``. Who must wait because of it, if anybody newly
         must: ``"client"`` or ``"everybody"``; else None."""
-        before = (self._client_wait_s(client) > 0, self._global_wait_s() > 0)
+        before = (self.client_wait_s(client) > 0, self.global_wait_s() > 0)
         now = self._clock()
         self._all.append(now)
         times = self._clients.get(client)
@@ -307,9 +308,9 @@ class FailureLimiter:
                 self._prune(now)
             times = self._clients[client] = deque(maxlen=self.per_client)
         times.append(now)
-        if self._global_wait_s() > 0 and not before[1]:
+        if self.global_wait_s() > 0 and not before[1]:
             return "everybody"
-        if self._client_wait_s(client) > 0 and not before[0]:
+        if self.client_wait_s(client) > 0 and not before[0]:
             return "client"
         return None
 
@@ -321,17 +322,30 @@ class FailureLimiter:
         self._prune_at = max(1024, 2 * len(self._clients))
 
 
+def too_many_response(wait_s: float) -> PlainTextResponse:
+    """429 with ``Retry-After``: credentials were not looked at."""
+    seconds = max(math.ceil(wait_s), 1)
+    return PlainTextResponse(
+        f"too many failed logins: try again in {seconds} s",
+        status_code=429,
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 def note_failure(limiter: FailureLimiter, client: str, how: str) -> None:
     """A failed authentication: counted, and logged once at WARNING without what was sent
     (``how``: ``login form``, ``bearer``, ``basic``)."""
     locked = limiter.failed(client)
     log.warning("dashboard: failed authentication (%s) from %s", how, client)
     if locked is not None:
-        who = client if locked == "client" else "every client without a session"
+        if locked == "client":
+            who, wait_s = client, limiter.client_wait_s(client)
+        else:
+            who, wait_s = "every client without a session", limiter.global_wait_s()
         log.warning(
             "dashboard: too many failed authentications: %s refused (429) for %d s",
             who,
-            math.ceil(limiter.retry_after_s(client)),
+            math.ceil(wait_s),
         )
 
 
@@ -681,13 +695,7 @@ class SecurityMiddleware:
         return replay
 
     async def _too_many(self, scope: Scope, receive: Receive, send: Send, wait_s: float) -> None:
-        seconds = max(math.ceil(wait_s), 1)
-        response = PlainTextResponse(
-            f"too many failed logins: try again in {seconds} s",
-            status_code=429,
-            headers={"Retry-After": str(seconds)},
-        )
-        await response(scope, receive, send)
+        await too_many_response(wait_s)(scope, receive, send)
 
     async def _unauthorized(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]

@@ -11,6 +11,8 @@ descriptors. Here:
   (:class:`DeadlineH11Protocol`);
 - its body must arrive within ``read_deadline_s`` (time the app spends waiting for it), else
   the request is answered 408 and the connection closed (:class:`BodyDeadlineMiddleware`);
+- a TLS handshake must finish within ``read_deadline_s`` too (asyncio's default is 60 s,
+  and a connection still in its handshake is not yet one the cap above can count);
 - a connection beyond ``max_connections`` is answered 503 and closed at once;
 - an unfinished request head is buffered up to :data:`MAX_HEADER_BYTES` (then uvicorn
   answers 400).
@@ -216,12 +218,33 @@ class _Server(uvicorn.Server):
     the signal after its graceful shutdown, which would end the process by SIGTERM or as
     "interrupted" (130); here the shutdown is the end, and the command exits 0."""
 
-    def __init__(self, config: uvicorn.Config, announce: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        announce: Callable[[str], None] | None,
+        handshake_timeout_s: float = READ_DEADLINE_S,
+    ) -> None:
         super().__init__(config)
         self._announce = announce
+        self._handshake_timeout_s = handshake_timeout_s
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
+        loop = asyncio.get_running_loop()
+        create_server = loop.create_server
+        timeout_s = self._handshake_timeout_s
+
+        async def with_handshake_deadline(*args: Any, **kwargs: Any) -> asyncio.Server:
+            if kwargs.get("ssl") is not None:
+                kwargs.setdefault("ssl_handshake_timeout", timeout_s)
+            return await create_server(*args, **kwargs)
+
+        # uvicorn calls ``loop.create_server`` without a handshake timeout; shadow it on
+        # this (stdlib, ``loop="asyncio"``) loop for the duration of the start only.
+        loop.create_server = with_handshake_deadline  # type: ignore[method-assign]
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server
         if not self.started or self._announce is None:
             return
         scheme = "https" if self.config.is_ssl else "http"
@@ -276,6 +299,7 @@ def build_server(
         http=_protocol_class(read_deadline_s, max_connections),
         lifespan=lifespan,
         ws="none",  # nothing served here speaks WebSocket
+        loop="asyncio",  # the stdlib loop: ``_Server.startup`` sets its handshake timeout
         log_config=None,  # the process's own logging
         log_level=log_level,
         server_header=False,
@@ -296,7 +320,7 @@ def build_server(
         raise ConfigurationError(
             "--ssl-certfile", f"cannot load the certificate and key: {exc}"
         ) from None
-    return _Server(config, announce)
+    return _Server(config, announce, handshake_timeout_s=read_deadline_s)
 
 
 def serve(app: Any, *, name: str, host: str, port: int, **options: Any) -> None:
@@ -307,6 +331,7 @@ def serve(app: Any, *, name: str, host: str, port: int, **options: Any) -> None:
     (``the <name> did not start on host:port``) when it cannot start, e.g. the port is
     taken: uvicorn logs the cause first."""
     server = build_server(app, host=host, port=port, **options)
+    _raise_open_files_limit()
     try:
         server.run()
     except SystemExit as exc:
@@ -315,3 +340,17 @@ def serve(app: Any, *, name: str, host: str, port: int, **options: Any) -> None:
         raise SesTasksError(
             f"the {name} did not start on {host}:{port} (see the error above)"
         ) from None
+
+
+def _raise_open_files_limit() -> None:
+    """Up to the hard limit: the connection cap, not a 1024-descriptor default, should be
+    what refuses a flood of connections."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

@@ -218,6 +218,39 @@ def test_login_form_failures_count_and_lock_the_form(
     assert "guess-" not in dashboard_log.text
 
 
+class _LoadedWhileReading(FailureLimiter):
+    """The middleware's look finds nothing; by the time the body has been read, other
+    requests' failures (a concurrent burst) have locked the address."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(per_client=1, clock=clock)
+        self.looks = 0
+
+    def retry_after_s(self, client: str) -> float:
+        self.looks += 1
+        if self.looks == 1:
+            self.failed(client)  # lands while this request's body is being read
+            return 0.0
+        return super().retry_after_s(client)
+
+
+def test_a_login_whose_address_was_locked_while_its_body_was_read_gets_429(
+    settings: Settings, clock: FakeClock
+) -> None:
+    limiter = _LoadedWhileReading(clock)
+    app = create_app(settings=settings, limiter=limiter)
+    with peers(app) as p:
+        cookie, csrf = p.login_form(GUESSER)
+        limiter.looks = 0
+        right = p.request(
+            "POST", "/login", GUESSER, cookie=cookie, data={"csrf_token": csrf, "token": TOKEN}
+        )
+    assert right.status_code == 429, right.text
+    assert int(right.headers["retry-after"]) > 0
+    assert SESSION_COOKIE not in right.cookies
+    assert limiter.looks == 2  # the middleware's, then the handler's after reading the form
+
+
 def test_basic_auth_failures_count(key_prefix: str, clock: FakeClock) -> None:
     settings = load_settings(key_prefix=key_prefix, dashboard_user="ops", dashboard_password="pw!")
     app = create_app(settings=settings, limiter=FailureLimiter(clock=clock))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -108,6 +109,27 @@ def test_partial_headers_and_silent_connections_are_closed_at_the_deadline() -> 
         assert read_until_closed(kept) == b""
         # Closed by the deadline, not at once: the deadline timer can only fire late.
         assert time.monotonic() - started >= DEADLINE_S * 0.9
+
+
+def test_a_tls_handshake_that_never_starts_is_cut_off_at_the_deadline(tmp_path: Any) -> None:
+    """asyncio gives a handshake 60 s and the connection cap cannot count it yet: the read
+    deadline applies to it too, and a real client still gets its answer over TLS."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    with serving(ssl_certfile=str(certfile), ssl_keyfile=str(keyfile)) as (port, _):
+        started = time.monotonic()
+        silent = connect(port)  # no ClientHello, ever
+        assert read_until_closed(silent) == b""
+        assert DEADLINE_S * 0.9 <= time.monotonic() - started < CLOSE_TIMEOUT_S
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        verify = ssl.create_default_context(cafile=str(ca_file))
+        with httpx.Client(verify=verify, timeout=CLOSE_TIMEOUT_S) as client:
+            assert client.get(f"https://127.0.0.1:{port}/").json() == {"bytes": 0}
 
 
 def test_a_body_that_does_not_arrive_in_time_gets_408() -> None:

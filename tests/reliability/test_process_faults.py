@@ -231,8 +231,27 @@ def test_kill_9_of_the_worker_main_process_broker_redelivers(make_pipeline):
     _campaign(pipeline, "kill-main", total, "k")
     client = pipeline.client
     wait_for(lambda: _sent(client, "kill-main") >= 300, timeout_s=60, what="sends")
+    unacked = f"{pipeline.env['SES_TASKS_KEY_PREFIX']}:broker:unacked_index"
+    broker = client.redis
+
+    main = first.main_pid()
+    assert main is not None
+
+    def frozen_holding_tasks() -> bool:
+        """The streaming dispatcher keeps only a few tasks in flight, so there are moments
+        when the worker holds none: freeze Celery's main process (it acknowledges tasks),
+        and kill it only while it holds some, or the test would prove nothing."""
+        os.kill(main, signal.SIGSTOP)
+        if broker.zcard(unacked) > 0:
+            return True
+        os.kill(main, signal.SIGCONT)
+        return False
+
+    wait_for(frozen_holding_tasks, timeout_s=30, what="the worker holding unacknowledged tasks")
     children = first.child_pids()
     os.kill(first.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(main, signal.SIGKILL)  # frozen: it could not have acknowledged anything since
     # Orphaned pool processes have no parent left to report to; a crashed host or
     # container takes them too.
     for pid in children:
@@ -244,8 +263,6 @@ def test_kill_9_of_the_worker_main_process_broker_redelivers(make_pipeline):
     # The dead worker's tasks sit in the broker's unacknowledged set. A worker restores
     # those older than the visibility timeout when it starts (and then only every
     # ~100 s, kombu's sweep), so start the new one once they are that old.
-    unacked = f"{pipeline.env['SES_TASKS_KEY_PREFIX']}:broker:unacked_index"
-    broker = client.redis
     held = broker.zrange(unacked, 0, -1, withscores=True)
     assert held, "the dead worker held tasks it never acknowledged"
     newest = max(score for _, score in held)
